@@ -1,0 +1,91 @@
+"""Per-layer SMILE math: pretrained (W0, b0) and T fine-tuned (W_i, b_i) -> ``SmileLinear`` tensors.
+
+Pure tensor-in/tensor-out functions (no modules, no files), shared by the in-memory model surgery
+and the streaming safetensors upscaler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusion_bench_pave.smile.svd import SvdMethod, top_svd
+
+
+def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None, bs: Sequence[Tensor | None], gate_k: int, k: int) -> None:
+    """Raise a ``ValueError`` naming ``name`` for an empty expert list, shape mismatches or ranks out of range."""
+    if len(ws) == 0:
+        raise ValueError(f"{name}: no fine-tuned models given (T=0); SMILE needs at least one expert")
+    if w0.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D linear weight, got shape {tuple(w0.shape)}")
+    for i, w in enumerate(ws):
+        if w.shape != w0.shape:
+            raise ValueError(f"{name}: fine-tuned model {i} has weight shape {tuple(w.shape)}, pretrained has {tuple(w0.shape)}")
+    if len(bs) != len(ws):
+        raise ValueError(f"{name}: got {len(ws)} fine-tuned weights but {len(bs)} biases")
+    for i, b in enumerate(bs):
+        if (b is None) != (b0 is None) or (b is not None and b.shape != b0.shape):
+            shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+            raise ValueError(f"{name}: fine-tuned model {i} has bias shape {shape(b)}, pretrained has {shape(b0)}")
+    max_rank = min(w0.shape)
+    if not 1 <= gate_k <= max_rank:
+        raise ValueError(f"{name}: gate_k={gate_k} out of range [1, {max_rank}] for a {w0.shape[0]}x{w0.shape[1]} weight")
+    if k > max_rank:
+        raise ValueError(f"{name}: k={k} out of range (<= 0 for dense experts or [1, {max_rank}]) for a {w0.shape[0]}x{w0.shape[1]} weight")
+
+
+def layer_changed(w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None = None, bs: Sequence[Tensor | None] = ()) -> bool:
+    """True if any fine-tuned weight or bias differs (exactly) from the pretrained one."""
+    return any(not torch.equal(w, w0) for w in ws) or (b0 is not None and any(not torch.equal(b, b0) for b in bs if b is not None))
+
+
+@torch.no_grad()
+def smile_tensors(
+    w0: Tensor,
+    ws: Sequence[Tensor],
+    b0: Tensor | None,
+    bs: Sequence[Tensor | None],
+    gate_k: int,
+    k: int,
+    routing_use_diff: bool = True,
+    svd_method: SvdMethod = "auto",
+    compute_device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    name: str = "layer",
+) -> dict[str, Tensor]:
+    """The ``SmileLinear`` state dict (keys ``weight``, ``bias``, ``router``, ``expert_*``) for one layer.
+
+    SVD runs in float32 (float64 inputs stay float64) on ``compute_device``; results are cast to
+    ``dtype`` (default: ``w0.dtype``) on ``w0``'s device. Layers whose experts equal the
+    pretrained layer are the caller's business (see :func:`layer_changed`).
+    """
+    check_layer_inputs(name, w0, ws, b0, bs, gate_k, k)
+    out_dtype, out_device = dtype or w0.dtype, w0.device
+    dev = compute_device or w0.device
+    base = w0.to(dev, torch.float64 if w0.dtype == torch.float64 else torch.float32)
+    routers, us, svhs, dense = [], [], [], []
+    for w in ws:
+        dw = w.to(dev, base.dtype) - base
+        rank = max(gate_k, k)
+        t = top_svd(dw, rank, svd_method)
+        if routing_use_diff:
+            routers.append(t.v[:, :gate_k].T)
+        else:
+            routers.append(top_svd(w.to(dev, base.dtype), gate_k, svd_method).v.T)
+        if k > 0:
+            us.append(t.u[:, :k])
+            svhs.append(t.s[:k, None] * t.v[:, :k].T)
+        else:
+            dense.append(dw)
+    cast = lambda t: t.to(out_device, out_dtype).contiguous()  # noqa: E731
+    result = {"weight": w0.to(out_dtype).clone(), "router": cast(torch.stack(routers))}
+    if k > 0:
+        result |= {"expert_u": cast(torch.stack(us)), "expert_svh": cast(torch.stack(svhs))}
+    else:
+        result["expert_weight"] = cast(torch.stack(dense))
+    if b0 is not None:
+        result["bias"] = b0.to(out_dtype).clone()
+        result["expert_bias"] = cast(torch.stack([b.to(dev, base.dtype) - b0.to(dev, base.dtype) for b in bs]))
+    return result
