@@ -1,0 +1,91 @@
+"""Saving and reloading upscaled SMILE models as safetensors, written atomically.
+
+A generic (non-HF-config) SMILE model is stored as ``model.safetensors`` plus ``smile.json``
+listing every ``SmileLinear`` and its shape; reloading rebuilds those modules inside a fresh copy
+of the pretrained architecture and loads the weights strictly (no pickles, no ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import safetensors.torch
+from torch import nn
+
+from fusion_bench_pave.smile.linear import SmileLinear
+from fusion_bench_pave.smile.upscale import _set_module
+
+MANIFEST = "smile.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "fusion_bench_pave.smile/1"
+
+
+@contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
+
+    Refuses an existing ``path`` unless ``overwrite``; a failure leaves ``path`` untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=true to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smile_manifest(model: nn.Module) -> dict:
+    """JSON-able description of every ``SmileLinear`` in ``model`` (enough to rebuild it)."""
+    modules = {
+        name: {
+            "in_features": m.in_features, "out_features": m.out_features, "num_experts": m.num_experts,
+            "gate_k": m.gate_k, "k": m.k, "top_k": m.top_k, "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules() if isinstance(m, SmileLinear)
+    }
+    return {"format": FORMAT, "modules": modules}
+
+
+def save_smile_model(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` (state dict as safetensors + manifest) to the directory ``path`` atomically."""
+    with atomic_output_dir(path, overwrite) as tmp:
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(smile_manifest(model), indent=2))
+    return Path(path)
+
+
+def is_smile_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the SMILE model saved at ``path`` inside ``base`` (the pretrained architecture, modified in place)."""
+    path = Path(path)
+    if not is_smile_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a SMILE checkpoint (expected {MANIFEST} and {WEIGHTS})")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / MANIFEST}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name, spec in manifest["modules"].items():
+        old = base.get_submodule(name)
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}), base model has {old}")
+        _set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
+    safetensors.torch.load_model(base, str(path / WEIGHTS), strict=True)
+    return base
