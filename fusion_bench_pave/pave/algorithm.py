@@ -1,0 +1,318 @@
+"""PAVE as a FusionBench algorithm: purify every fine-tuned model of the pool, then run a nested
+task-vector merger (TA, TIES, DARE+TIES, EMR, ...) unchanged on the purified models.
+
+Purified models are W_pre + tau_tilde = W_tilde for hooked Linear weights and W_ft for everything
+else, so the merger's own `W - W_pre` yields the purified task vectors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import time
+from copy import deepcopy
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
+from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
+from fusion_bench.utils.instantiate_utils import instantiate
+from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict
+from fusion_bench_pave.pave.calibration import (
+    dataset_fingerprint,
+    iter_batches,
+    load_calibration_dataset,
+    load_preprocessor,
+    sample_indices,
+    shard,
+)
+from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
+from fusion_bench_pave.pave.plot import save_rank_heatmap
+from fusion_bench_pave.pave.purify import context_svd, project_weight
+from fusion_bench_pave.pave.rank_allocation import allocate_ranks, normalized_spectrum
+from fusion_bench_pave.pave.regularize import regularize_doubling, regularize_relative
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HEADS = ["lm_head", "classifier", "score"]
+
+
+@auto_register_config
+class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
+    """Purify task vectors in the knowledge-aware subspace, then merge with `merger`."""
+
+    def __init__(
+        self,
+        merger: DictConfig,
+        rho: float = 1.0,
+        allocation: Literal["per_layer", "per_model", "uniform"] = "per_layer",
+        floor_factor: float = 1.5,
+        num_samples: int = 64,
+        batch_size: int = 16,
+        max_length: int = 128,
+        mask_padding: bool = True,
+        regularization: Literal["doubling", "relative"] = "doubling",
+        eps0: float = 0.1,
+        eps_tol: float = 5e-2,
+        relative_alpha: float = 1e-3,
+        accumulate_dtype: Literal["float32", "float64"] = "float64",
+        exclude_modules: Optional[list[str]] = None,
+        calibration_datasets: Optional[DictConfig] = None,
+        dare: Optional[DictConfig] = None,
+        seed: int = 42,
+        cache_dir: Optional[str] = None,
+        report_extras: bool = True,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            merger: config (with `_target_`) of the task-vector method run on the purified models.
+            rho: global kept-rank ratio in (0, 1]; 1 reproduces the merger exactly.
+            allocation: per_layer (greedy optimum), per_model (official collapse) or uniform.
+            floor_factor: no model keeps fewer than R - round(factor * (R - round(rho * R))).
+            num_samples: calibration samples drawn (seeded) from each task's train split.
+            batch_size, max_length: calibration batching and text truncation.
+            mask_padding: exclude padding tokens from the covariance.
+            regularization: "doubling" (official: eps0 doubled until ||C^-1 C - I||_F < eps_tol)
+                or "relative" (eps = relative_alpha * mean diag C).
+            accumulate_dtype: dtype of the X^T X sums.
+            exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
+                None means the classifier heads in HEADS, [] purifies every Linear.
+            calibration_datasets: optional {task: dataset path or config} overriding the train splits.
+            dare: optional {sparsity_ratio, rescale, only_on_linear_weights}: DARE drop+rescale of
+                the raw deltas before purification (seeded with `seed`).
+            seed: seed of calibration sampling and DARE.
+            cache_dir: directory of the covariance cache (None disables it).
+            report_extras: return {"model": merged, "pave": extras} so extras reach the report.
+        """
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ run
+    def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
+        if not isinstance(modelpool, BaseModelPool):
+            modelpool = BaseModelPool(dict(modelpool))
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {self.rho}; rho=1 keeps every component.")
+        copy = deepcopy if modelpool.has_instance_models else (lambda m: m)
+        pretrained = copy(modelpool.load_pretrained_model())
+        finetuned = {name: copy(modelpool.load_model(name)) for name in modelpool.model_names}
+        check_compatible(pretrained, finetuned)
+
+        start = time.perf_counter()
+        stats = {name: self.task_covariance(modelpool, name, model) for name, model in finetuned.items()}
+        covariance_time = time.perf_counter() - start
+
+        if self.dare:
+            dare_(pretrained, finetuned, self.dare, self.seed)
+        start = time.perf_counter()
+        ranks, full_ranks = self.purify_(finetuned, stats)
+        purification_time = time.perf_counter() - start
+
+        merged = self.merge(pretrained, finetuned)
+        extras = {
+            "rho": self.rho,
+            "allocation": self.allocation,
+            "covariance_time_s": covariance_time,
+            "purification_time_s": purification_time,
+            "kept_ratio": {
+                t: sum(r.values()) / max(1, sum(full_ranks.values())) for t, r in ranks.items()
+            },
+            "full_ranks": full_ranks,
+            "ranks": ranks,
+        }
+        self.write_extras(extras)
+        if not self.report_extras:
+            return merged
+        if getattr(self._program, "merged_model_save_path", None):
+            log.info("merged model will be saved by the program: PAVE extras only in pave_report.json")
+            return merged
+        return {"model": merged, "pave": extras}
+
+    # ---------------------------------------------------------- covariance
+    def _include(self, name: str, module: nn.Linear) -> bool:
+        patterns = HEADS if self.exclude_modules is None else self.exclude_modules
+        return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in patterns)
+
+    def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
+        """Input statistics of every Linear of `model` on task's calibration samples; with several
+        processes each takes a shard and the sums are all-reduced. Cached on disk if configured."""
+        dataset = load_calibration_dataset(modelpool, task, self.calibration_datasets)
+        indices = sample_indices(len(dataset), self.num_samples, self.seed, task)
+        cache = CovarianceCache(self.cache_dir) if self.cache_dir else None
+        parts = {
+            "model": fingerprint_state_dict(model.state_dict()),
+            "dataset": dataset_fingerprint(dataset, task),
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "mask_padding": self.mask_padding,
+            "max_length": self.max_length,
+            "dtype": self.accumulate_dtype,
+            "exclude": list(HEADS if self.exclude_modules is None else self.exclude_modules),
+        }
+        if cache is not None and (stats := cache.load(parts)) is not None:
+            return stats
+
+        fabric = self.fabric
+        mine = shard(indices, fabric.global_rank, fabric.world_size)
+        if not mine:
+            raise ValueError(
+                f"task '{task}': {self.num_samples} calibration samples cannot be split over "
+                f"{fabric.world_size} processes; use num_samples >= {fabric.world_size}."
+            )
+        batches = iter_batches(
+            dataset,
+            mine,
+            self._preprocessor(modelpool),
+            model,
+            task,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            mask_padding=self.mask_padding,
+        )
+        batches = tqdm(
+            batches,
+            total=-(-len(mine) // self.batch_size),
+            desc=f"PAVE covariance [{task}]",
+            disable=not fabric.is_global_zero,
+        )
+        stats = collect_covariance(model, batches, self._include, DTYPES[self.accumulate_dtype])
+        if fabric.world_size > 1:
+            stats = stats.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
+        for key, xtx in stats.xtx.items():
+            if not torch.isfinite(xtx).all():
+                raise ValueError(
+                    f"task '{task}': non-finite input covariance at Linear '{key}'; check the "
+                    "fine-tuned weights and inputs (bf16 overflow? use float32 weights)."
+                )
+        if cache is not None:
+            if fabric.is_global_zero:
+                cache.save(parts, stats)
+            fabric.barrier()
+        return stats
+
+    def _preprocessor(self, modelpool: BaseModelPool) -> Any:
+        if getattr(self, "_cached_preprocessor", None) is None:
+            self._cached_preprocessor = load_preprocessor(modelpool)
+        return self._cached_preprocessor
+
+    # --------------------------------------------------------- purification
+    def _regularize(self, cov: Tensor) -> Tensor:
+        if self.regularization == "doubling":
+            return regularize_doubling(cov, self.eps0, self.eps_tol)[0]
+        if self.regularization == "relative":
+            return regularize_relative(cov, self.relative_alpha)[0]
+        raise ValueError(f"regularization must be 'doubling' or 'relative', got {self.regularization!r}")
+
+    @torch.no_grad()
+    def purify_(
+        self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats]
+    ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        """Replace every hooked Linear weight of every model by its purified version, in place.
+        Returns the kept ranks {task: {layer: r}} and full ranks {layer: R}."""
+        tasks = list(finetuned)
+        modules = [dict(m.named_modules()) for m in finetuned.values()]
+        layers = [l for l in stats[tasks[0]].layers if all(l in stats[t].input_of for t in tasks)]
+        regularized: dict[tuple[str, str], Tensor] = {}
+
+        def cov_eps(task: str, layer: str) -> Tensor:
+            key = (task, stats[task].input_of[layer])
+            if key not in regularized:
+                regularized[key] = self._regularize(stats[task].covariance(layer))
+            return regularized[key]
+
+        spectra = {}
+        for layer in tqdm(layers, desc="PAVE spectra", disable=not self.fabric.is_global_zero):
+            spectra[layer] = [
+                normalized_spectrum(context_svd(mods[layer].weight, cov_eps(t, layer))[1])
+                for t, mods in zip(tasks, modules)
+            ]
+        allocated = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)
+        full_ranks = {layer: len(s[0]) for layer, s in spectra.items()}
+        for layer in tqdm(layers, desc="PAVE purify", disable=not self.fabric.is_global_zero):
+            for i, (task, mods) in enumerate(zip(tasks, modules)):
+                rank = allocated[layer][i]
+                if rank >= full_ranks[layer]:
+                    continue
+                weight = mods[layer].weight
+                u, _ = context_svd(weight, cov_eps(task, layer))
+                weight.data = project_weight(weight.data, u, rank)
+        ranks = {t: {layer: allocated[layer][i] for layer in layers} for i, t in enumerate(tasks)}
+        return ranks, full_ranks
+
+    # --------------------------------------------------------------- merge
+    def merge(self, pretrained: nn.Module, purified: Mapping[str, nn.Module]) -> Any:
+        """Run the nested merger on a pool of the pretrained and purified models."""
+        config = self.merger if isinstance(self.merger, DictConfig) else OmegaConf.create(self.merger)
+        merger = instantiate(config)
+        if hasattr(merger, "_fabric_instance"):
+            merger._fabric_instance = self.fabric
+        merger._program = self._program
+        pool = BaseModelPool({"_pretrained_": pretrained, **purified})
+        return merger.run(pool)
+
+    def write_extras(self, extras: dict) -> None:
+        """pave_report.json and the rank heatmap PNG into the log directory (rank 0 only)."""
+        log_dir = self.log_dir
+        if log_dir is None or not self.fabric.is_global_zero:
+            return
+        with open(os.path.join(log_dir, "pave_report.json"), "w") as f:
+            json.dump(extras, f, indent=2)
+        if extras["full_ranks"]:
+            save_rank_heatmap(extras["ranks"], extras["full_ranks"], os.path.join(log_dir, "pave_ranks.png"))
+
+
+def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> None:
+    """Same parameter names and shapes as the pretrained model, and finite weights."""
+    reference = {k: v.shape for k, v in pretrained.state_dict().items()}
+    for task, model in finetuned.items():
+        state = model.state_dict()
+        if set(state) != set(reference):
+            diff = sorted(set(state) ^ set(reference))[:5]
+            raise ValueError(
+                f"task '{task}': architecture differs from the pretrained model (parameters {diff} "
+                "are not in both); all models of the pool must share one architecture."
+            )
+        for key, tensor in state.items():
+            if tensor.shape != reference[key]:
+                raise ValueError(
+                    f"task '{task}': parameter '{key}' has shape {tuple(tensor.shape)}, pretrained has "
+                    f"{tuple(reference[key])}; all models of the pool must share one architecture."
+                )
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"task '{task}': parameter '{key}' has non-finite values (NaN/inf).")
+
+
+@torch.no_grad()
+def dare_(pretrained: nn.Module, finetuned: Mapping[str, nn.Module], config: Mapping, seed: int) -> None:
+    """DARE on raw deltas, in place: W_ft <- W_pre + drop(W_ft - W_pre), seeded; the random draws
+    follow FusionBench's DareTiesMerging (models in pool order, parameters in module order)."""
+    ratio = float(config["sparsity_ratio"])
+    rescale = bool(config.get("rescale", True))
+    linear_only = bool(config.get("only_on_linear_weights", False))
+    if not 0 <= ratio < 1:
+        raise ValueError(f"dare.sparsity_ratio must be in [0, 1), got {ratio}")
+    reference = dict(pretrained.named_parameters())
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for model in finetuned.values():
+            if linear_only:
+                params = [
+                    (f"{n}.weight" if n else "weight", m.weight)
+                    for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear)
+                ]
+            else:
+                params = list(model.named_parameters())
+            for name, param in params:
+                delta = param.data - reference[name].data
+                delta = delta * (torch.rand_like(delta) > ratio)
+                if rescale:
+                    delta = delta / (1 - ratio)
+                param.data = reference[name].data + delta

@@ -1,0 +1,139 @@
+"""Turn a task's train split into model inputs for covariance collection.
+
+Image datasets (column `image`) go through the pool's CLIP processor; text datasets (column `text`)
+through its tokenizer, with the attention mask as the token mask. Encoder-decoder models also get
+decoder inputs (the input text shifted right), masked with the same attention mask, which covers
+only real tokens of the shifted sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import datasets
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from transformers import AutoTokenizer
+
+IMAGE_COLUMNS = ("image", "img")
+TEXT_COLUMNS = ("text", "sentence", "content")
+
+
+def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> list[int]:
+    """A seeded random subset of `num_samples` row indices; errors if the split is too small."""
+    if num_samples > num_rows:
+        raise ValueError(
+            f"task '{task}': asked for {num_samples} calibration samples but its train split has only "
+            f"{num_rows} rows; lower num_samples to at most {num_rows}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_rows, generator=generator)[:num_samples].tolist()
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The slice of `indices` one process handles (round robin)."""
+    return list(indices[rank::world_size])
+
+
+def find_column(dataset: Any, task: str) -> tuple[str, str]:
+    """('image'|'text', column name) of the model input column."""
+    columns = list(dataset.column_names)
+    for kind, names in (("image", IMAGE_COLUMNS), ("text", TEXT_COLUMNS)):
+        for name in names:
+            if name in columns:
+                return kind, name
+    raise ValueError(
+        f"task '{task}': calibration dataset has columns {columns}, none of which is an image "
+        f"{IMAGE_COLUMNS} or text {TEXT_COLUMNS} column."
+    )
+
+
+def dataset_fingerprint(dataset: Any, task: str) -> str:
+    """Identity of a calibration dataset for the cache: HF fingerprint if it has one."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    return f"{task}:{fingerprint or 'nofp'}:{len(dataset)}"
+
+
+def encoder_decoder_inputs(model: nn.Module, input_ids: Tensor) -> Optional[Tensor]:
+    """Decoder input ids (input shifted right) for encoder-decoder models, else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    return model.prepare_decoder_input_ids_from_labels(labels=input_ids)
+
+
+def iter_batches(
+    dataset: Any,
+    indices: Sequence[int],
+    preprocessor: Any,
+    model: nn.Module,
+    task: str,
+    batch_size: int = 16,
+    max_length: int = 128,
+    mask_padding: bool = True,
+) -> Iterator[tuple[dict[str, Tensor], Optional[Tensor]]]:
+    """Yield (model kwargs, token mask) batches for the selected rows."""
+    kind, column = find_column(dataset, task)
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    for start in range(0, len(indices), batch_size):
+        rows = dataset.select(indices[start : start + batch_size])[column]
+        if kind == "image":
+            images = [image.convert("RGB") for image in rows]
+            pixels = preprocessor(images=images, return_tensors="pt")["pixel_values"]
+            yield {"pixel_values": pixels.to(device=device, dtype=dtype)}, None
+            continue
+        encoded = preprocessor(
+            list(rows), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        decoder_ids = encoder_decoder_inputs(model, input_ids)
+        if decoder_ids is not None:
+            inputs["decoder_input_ids"] = decoder_ids
+            inputs["decoder_attention_mask"] = attention_mask
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        yield inputs, attention_mask.to(device) if mask_padding else None
+
+
+def load_calibration_dataset(modelpool: Any, task: str, configured: Optional[Mapping] = None) -> Any:
+    """The calibration dataset of `task`: `configured[task]` if given (a path or an instantiable
+    config), else the pool's train split."""
+    if configured and task in configured:
+        source = configured[task]
+        if isinstance(source, str):
+            if os.path.exists(os.path.join(source, "state.json")):
+                return datasets.load_from_disk(source)
+            return datasets.load_dataset(source, split="train")
+        return instantiate(source)
+    train = getattr(modelpool, "_train_datasets", None)
+    if not train or task not in train:
+        raise ValueError(
+            f"task '{task}' has no calibration data: add `train_datasets.{task}` to the modelpool "
+            f"config or set `method.calibration_datasets.{task}` (a dataset path or config)."
+        )
+    return modelpool.load_train_dataset(task)
+
+
+def load_preprocessor(modelpool: Any) -> Any:
+    """The pool's image processor or tokenizer (pad token defaulting to EOS)."""
+    if getattr(modelpool, "_processor", None) is not None and hasattr(modelpool, "load_processor"):
+        return modelpool.load_processor()
+    config = getattr(modelpool, "_tokenizer", None)
+    if isinstance(config, str):
+        tokenizer = AutoTokenizer.from_pretrained(config)
+    elif isinstance(config, Mapping):
+        tokenizer = instantiate(config)
+    elif hasattr(modelpool, "load_tokenizer"):
+        tokenizer = modelpool.load_tokenizer()
+    else:
+        tokenizer = None
+    if not callable(tokenizer):
+        raise ValueError(
+            f"{type(modelpool).__name__} provides neither a processor nor a tokenizer; PAVE needs one "
+            "to turn calibration samples into model inputs (set `processor` or `tokenizer` in the modelpool)."
+        )
+    if getattr(tokenizer, "pad_token", "") is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,135 @@
+"""Streaming input covariances of every nn.Linear: forward hooks accumulate X^T X and a token count.
+
+Activations are never stored: each hook folds its batch into a running [in, in] sum. Linears that
+consume the very same input tensor in one forward (q/k/v, gate/up, T5 cross-attention k/v) share one
+sum, computed once. Padding tokens are dropped with a per-batch token mask.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+LinearFilter = Callable[[str, nn.Linear], bool]
+
+
+@dataclass
+class CovarianceStats:
+    """Sums of X^T X per distinct input, token counts, and which input each Linear reads."""
+
+    xtx: dict[str, Tensor] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    input_of: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the Linear modules whose forward ran."""
+        return list(self.input_of)
+
+    def covariance(self, layer: str) -> Tensor:
+        """Uncentred covariance C = X^T X / N of the input of `layer`."""
+        key = self.input_of[layer]
+        return self.xtx[key] / self.count[key]
+
+    def all_reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> "CovarianceStats":
+        """Sum the statistics over processes with `reduce_sum` (e.g. a gloo all-reduce)."""
+        keys = sorted(self.xtx)
+        xtx = {k: reduce_sum(self.xtx[k]) for k in keys}
+        counts = reduce_sum(torch.tensor([self.count[k] for k in keys], dtype=torch.float64))
+        count = {k: int(round(c)) for k, c in zip(keys, counts.tolist())}
+        return CovarianceStats(xtx=xtx, count=count, input_of=dict(self.input_of))
+
+
+class CovarianceCollector:
+    """Context manager hooking the Linears of `model`; call `set_token_mask` before each forward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Optional[LinearFilter] = None,
+        dtype: torch.dtype = torch.float64,
+    ):
+        self.model = model
+        self.include = include or (lambda name, module: True)
+        self.dtype = dtype
+        self.stats = CovarianceStats()
+        self._mask: Optional[Tensor] = None
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "CovarianceCollector":
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and self.include(name, module):
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def set_token_mask(self, mask: Optional[Tensor]) -> None:
+        """Start a new forward; `mask` (bool, [batch, seq]) marks the tokens to count, None = all."""
+        self._mask = None if mask is None else mask.bool()
+        self._seen.clear()
+
+    def _rows(self, name: str, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self._mask is None:
+            return rows
+        if self._mask.numel() != rows.shape[0]:
+            raise ValueError(
+                f"Linear '{name}' received {rows.shape[0]} tokens (input shape {tuple(x.shape)}) but the "
+                f"attention mask covers {self._mask.numel()}; this architecture reshapes tokens, so "
+                "disable padding masking (mask_padding=false) for it."
+            )
+        return rows[self._mask.reshape(-1)]
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0]
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0]() is x:
+                source = seen[1]
+            else:
+                source = name
+                rows = self._rows(name, x.detach()).to(self.dtype)
+                if name in self.stats.xtx:
+                    self.stats.xtx[name].addmm_(rows.T, rows)
+                else:
+                    self.stats.xtx[name] = rows.T @ rows
+                self.stats.count[name] = self.stats.count.get(name, 0) + rows.shape[0]
+                self._seen[id(x)] = (weakref.ref(x), name)
+            previous = self.stats.input_of.setdefault(name, source)
+            if previous != source:
+                raise RuntimeError(
+                    f"Linear '{name}' shared its input with '{previous}' in one batch and with "
+                    f"'{source}' in another; covariance sharing must be stable across batches."
+                )
+
+        return hook
+
+
+@torch.no_grad()
+def collect_covariance(
+    model: nn.Module,
+    batches: Iterable[tuple[dict, Optional[Tensor]]],
+    include: Optional[LinearFilter] = None,
+    dtype: torch.dtype = torch.float64,
+) -> CovarianceStats:
+    """Run `model(**inputs)` on every (inputs, token_mask) batch and return the input statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        with CovarianceCollector(model, include, dtype) as collector:
+            for inputs, mask in batches:
+                collector.set_token_mask(mask)
+                model(**inputs)
+    finally:
+        model.train(was_training)
+    return collector.stats

@@ -1,0 +1,86 @@
+"""Spectral rank allocation: split a global kept-rank ratio rho across the T models of each layer.
+
+Dropping component i of model m costs s_i^2 with s = S / S_1 (normalised activated pruning error).
+Greedily dropping the globally cheapest remaining component is optimal because each model's costs
+are sorted, so every model drops a suffix of its spectrum.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Literal, Mapping, Sequence
+
+from torch import Tensor
+
+Allocation = Literal["per_layer", "per_model", "uniform"]
+
+
+def rank_budget(full_rank: int, num_models: int, rho: float) -> int:
+    """Total components kept in one layer over all models: floor(rho * T * R)."""
+    return math.floor(rho * num_models * full_rank + 1e-9)
+
+
+def floor_rank(full_rank: int, rho: float, floor_factor: float = 1.5) -> int:
+    """Fewest components any model may keep: R - round(factor * (R - round(rho * R))), at least 1."""
+    dropped = full_rank - round(rho * full_rank)
+    return max(1, full_rank - round(floor_factor * dropped))
+
+
+def normalized_spectrum(singular_values: Tensor) -> list[float]:
+    """s_i = S_i / S_1 as floats (all zeros for a zero matrix)."""
+    top = float(singular_values[0]) if singular_values.numel() else 0.0
+    if top <= 0:
+        return [0.0] * singular_values.numel()
+    return (singular_values / top).tolist()
+
+
+def allocate_layer(spectra: Sequence[Sequence[float]], rho: float, floor_factor: float = 1.5) -> list[int]:
+    """Greedy optimum for one layer: kept ranks per model, total <= floor(rho*T*R), each >= floor."""
+    full_rank = len(spectra[0])
+    if any(len(s) != full_rank for s in spectra):
+        raise ValueError("all models of a layer must have the same number of singular values")
+    floor = floor_rank(full_rank, rho, floor_factor)
+    budget = rank_budget(full_rank, len(spectra), rho)
+    if floor * len(spectra) > budget:
+        raise ValueError(
+            f"floor of {floor} components per model exceeds the budget {budget} "
+            f"(R={full_rank}, T={len(spectra)}, rho={rho}); raise floor_factor or rho."
+        )
+    kept = [full_rank] * len(spectra)
+    heap = [(s[full_rank - 1] ** 2, m) for m, s in enumerate(spectra) if full_rank > floor]
+    heapq.heapify(heap)
+    for _ in range(len(spectra) * full_rank - budget):
+        _, m = heapq.heappop(heap)
+        kept[m] -= 1
+        if kept[m] > floor:
+            heapq.heappush(heap, (spectra[m][kept[m] - 1] ** 2, m))
+    return kept
+
+
+def allocate_ranks(
+    spectra: Mapping[str, Sequence[Sequence[float]]],
+    rho: float,
+    allocation: Allocation = "per_layer",
+    floor_factor: float = 1.5,
+) -> dict[str, list[int]]:
+    """Kept rank per (layer, model) from normalised spectra {layer: [s of model 0, s of model 1, ...]}.
+
+    per_layer: greedy optimum per layer. per_model (official ViT/GLUE code): collapse the per-layer
+    result to one ratio per model, sum_l r_ml / sum_l R_l, and cut every layer to max(1, round(ratio*R_l)).
+    uniform: every model keeps max(1, floor(rho * R_l)).
+    """
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if allocation == "uniform":
+        return {l: [max(1, math.floor(rho * len(s[0]) + 1e-9))] * len(s) for l, s in spectra.items()}
+    ranks = {l: allocate_layer(s, rho, floor_factor) for l, s in spectra.items()}
+    if allocation == "per_layer":
+        return ranks
+    if allocation != "per_model":
+        raise ValueError(f"allocation must be per_layer, per_model or uniform, got {allocation!r}")
+    full = {l: len(s[0]) for l, s in spectra.items()}
+    total = sum(full.values())
+    num_models = len(next(iter(ranks.values())))
+    ratios = [sum(r[m] for r in ranks.values()) / total for m in range(num_models)]
+    return {l: [max(1, round(ratios[m] * full[l])) for m in range(num_models)] for l in ranks}
