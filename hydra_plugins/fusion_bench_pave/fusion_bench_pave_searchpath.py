@@ -6,9 +6,8 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 class FusionBenchPaveSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        # Hydra imports this module in every app of the environment; repair fusion_bench's
-        # transformers-5 import here, before any taskpool is instantiated.
-        from fusion_bench_pave.compat import patch_transformers_for_fusion_bench
+        # Hydra calls this before composing any config: importing the package repairs
+        # fusion_bench's transformers-5 import and registers the resolvers our yaml uses.
+        import fusion_bench_pave  # noqa: F401
 
-        patch_transformers_for_fusion_bench()
         search_path.append(provider="fusion-bench-pave", path="pkg://fusion_bench_pave.config")

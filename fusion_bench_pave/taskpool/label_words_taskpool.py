@@ -1,0 +1,94 @@
+"""FusionBench task pool: accuracy of a seq2seq or causal LM on label-word classification tasks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion_bench import BaseTaskPool, auto_register_config
+from fusion_bench.mixins import LightningFabricMixin
+from fusion_bench.utils import count_parameters, instantiate
+
+from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
+
+log = logging.getLogger(__name__)
+
+
+@auto_register_config
+class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
+    """Evaluates a language model on datasets of ``{"text", "label"}`` rows.
+
+    Args:
+        test_datasets: task name -> dataset (or its config).
+        tokenizer: path of the tokenizer, or its config.
+        label_words: task name -> one single-token word per class, in label order.
+        prompt_template: format string applied to each row's ``text``.
+        batch_size: evaluation batch size.
+        max_length: inputs are truncated to this many tokens.
+    """
+
+    def __init__(
+        self,
+        test_datasets: DictConfig | dict[str, Any],
+        tokenizer: str | DictConfig,
+        label_words: DictConfig | dict[str, list[str]],
+        prompt_template: str = "{text}",
+        batch_size: int = 32,
+        max_length: int = 128,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        missing = set(test_datasets) - set(label_words)
+        if missing:
+            raise ValueError(f"label_words has no entry for test task(s) {sorted(missing)}")
+
+    def _load_tokenizer(self):
+        if isinstance(self.tokenizer, str):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.tokenizer)
+        return instantiate(self.tokenizer)
+
+    @torch.no_grad()
+    def evaluate_task(self, model: nn.Module, tokenizer, task: str, dataset) -> dict[str, float]:
+        label_ids = label_token_ids(tokenizer, list(self.label_words[task]))
+        correct, loss_sum, n = 0, 0.0, 0
+        device = next(model.parameters()).device
+        for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
+            rows = dataset[start : start + self.batch_size]
+            enc = tokenizer(
+                [self.prompt_template.format(text=t) for t in rows["text"]],
+                return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+            ).to(device)
+            targets = torch.tensor(rows["label"], device=device)
+            logits = label_logits(model, enc["input_ids"], enc["attention_mask"], label_ids)
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            n += len(targets)
+        if n == 0:
+            raise ValueError(f"test dataset of task {task!r} is empty")
+        return {"accuracy": correct / n, "loss": loss_sum / n}
+
+    def evaluate(self, model: nn.Module, name: str | None = None, **kwargs) -> dict[str, Any]:
+        tokenizer = self._load_tokenizer()
+        model = self.fabric.to_device(model).eval()
+        trainable, total = count_parameters(model)
+        report: dict[str, Any] = {"model_info": {"trainable_params": trainable, "all_params": total}}
+        if name is not None:
+            report["model_info"]["name"] = name
+        for task, dataset in self.test_datasets.items():
+            if isinstance(dataset, (dict, DictConfig)):
+                dataset = instantiate(dataset)
+            report[task] = self.evaluate_task(model, tokenizer, task, dataset)
+            log.info(f"{task}: {report[task]}")
+        tasks = [v for k, v in report.items() if k != "model_info"]
+        report["average"] = {
+            key: sum(t[key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
+        }
+        return report

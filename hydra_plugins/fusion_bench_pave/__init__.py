@@ -1,0 +1,1 @@
+"""Hydra plugins of fusion-bench-pave (discovered through the hydra_plugins namespace)."""
