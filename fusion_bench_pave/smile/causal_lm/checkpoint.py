@@ -1,0 +1,94 @@
+"""Tensor-by-tensor safetensors I/O for checkpoints that must never be fully in memory.
+
+``SafetensorsCheckpoint`` is a lazy mapping over a Hugging Face checkpoint directory (single
+file or sharded with an index); every read opens the shard, copies out one tensor and closes it,
+so no mmap stays resident. ``ShardWriter`` buffers output tensors up to ``max_shard_bytes`` and
+writes numbered shards plus the standard index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
+    """Read-only ``name -> tensor`` view of the safetensors weights in ``path`` (loaded on access)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.path / file for name, file in weight_map.items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.path}: no *.safetensors weights (or {INDEX}) found")
+            self._files = {}
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    self._files |= dict.fromkeys(f.keys(), file)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+class ShardWriter:
+    """Write tensors to ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ~``max_shard_bytes``."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+        self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._buffer or any(name in names for _, names in self._shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor.contiguous()
+        self._bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        file = self.out_dir / f"shard-{len(self._shards):05d}.partial"
+        save_file(self._buffer, str(file), metadata={"format": "pt"})
+        self._shards.append((file, list(self._buffer)))
+        self._buffer, self._bytes = {}, 0
+
+    def close(self) -> None:
+        """Flush the last shard, give the shards their final names and write the index if sharded."""
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, (file, names) in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(file, self.out_dir / final)
+            weight_map |= dict.fromkeys(names, final)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,192 @@
+"""SMILE upscaling of Mistral / Llama / Qwen2-style causal LMs, in memory or streamed from safetensors.
+
+The core is a generator over (name, tensor) pairs of the SMILE model's state dict that reads the
+pretrained and fine-tuned tensors one projection at a time from any ``Mapping[str, Tensor]`` (a
+``state_dict()`` or a lazy ``SafetensorsCheckpoint``). Streamed into a ``ShardWriter``, peak
+memory is one projection's worth of tensors (x T+1) plus one output shard, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from fusion_bench_pave.smile.causal_lm.checkpoint import INDEX, SafetensorsCheckpoint, ShardWriter
+from fusion_bench_pave.smile.causal_lm.configuration import SMILE_CONFIGS
+from fusion_bench_pave.smile.causal_lm.modeling import SMILE_CAUSAL_LMS, SMILE_PROJECTIONS
+from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
+from fusion_bench_pave.smile.io import atomic_output_dir
+from fusion_bench_pave.smile.svd import SvdMethod
+
+log = logging.getLogger(__name__)
+
+_PROJ = "|".join(re.escape(p) for p in SMILE_PROJECTIONS)
+PROJECTION_WEIGHT = re.compile(rf"(?:.*\.)?layers\.\d+\.(?:{_PROJ})\.weight")
+PROJECTION_BIAS = re.compile(rf"(?:.*\.)?layers\.\d+\.(?:{_PROJ})\.bias")
+_NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path")
+
+
+def smile_config_from(base: PretrainedConfig, num_local_experts: int, num_experts_per_tok: int, rank_of_router: int, rank_of_expert: int) -> PretrainedConfig:
+    """The SMILE config for a base Mistral / Llama / Qwen2 config."""
+    if base.model_type not in SMILE_CONFIGS:
+        raise ValueError(f"SMILE causal-LM upscaling supports model types {sorted(SMILE_CONFIGS)}, got {base.model_type!r}")
+    if num_local_experts < 1:
+        raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
+    if not 1 <= num_experts_per_tok <= num_local_experts:
+        raise ValueError(f"num_experts_per_tok must be in [1, {num_local_experts}] (the number of fine-tuned models), got {num_experts_per_tok}")
+    fields = {key: value for key, value in base.to_dict().items() if key not in _NOT_COPIED}
+    cls = SMILE_CONFIGS[base.model_type]
+    config = cls(**fields, num_local_experts=num_local_experts, num_experts_per_tok=num_experts_per_tok,
+                 rank_of_router=rank_of_router, rank_of_expert=rank_of_expert)
+    config.architectures = [SMILE_CAUSAL_LMS[base.model_type].__name__]
+    return config
+
+
+def _placeholder(w0: Tensor, b0: Tensor | None, num_experts: int, gate_k: int, k: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Zero router and experts for a projection no fine-tuned model changed (output = pretrained)."""
+    m, n = w0.shape
+    out = {"weight": w0.to(dtype), "router": torch.zeros(num_experts, gate_k, n, dtype=dtype)}
+    if k > 0:
+        out |= {"expert_u": torch.zeros(num_experts, m, k, dtype=dtype), "expert_svh": torch.zeros(num_experts, k, n, dtype=dtype)}
+    else:
+        out["expert_weight"] = torch.zeros(num_experts, m, n, dtype=dtype)
+    if b0 is not None:
+        out |= {"bias": b0.to(dtype), "expert_bias": torch.zeros(num_experts, m, dtype=dtype)}
+    return out
+
+
+def _get(source: Mapping[str, Tensor], name: str, which: str) -> Tensor:
+    try:
+        return source[name]
+    except KeyError:
+        raise ValueError(f"{name}: missing in the {which} checkpoint; all models must share the pretrained architecture") from None
+
+
+def smile_causal_lm_tensors(
+    base: Mapping[str, Tensor],
+    experts: Sequence[Mapping[str, Tensor]],
+    *,
+    rank_of_router: int,
+    rank_of_expert: int,
+    dtype: torch.dtype | None = None,
+    svd_method: SvdMethod = "auto",
+    compute_device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield the SMILE causal LM's tensors in ``base``'s order; raise if no projection changed.
+
+    Decoder projections become ``SmileLinear`` tensors (``<proj>.weight``, ``.router``,
+    ``.expert_u``, ...); every other tensor (embeddings, norms, lm_head) is the pretrained one.
+    """
+    if not experts:
+        raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
+    names = list(base)
+    n_proj = sum(bool(PROJECTION_WEIGHT.fullmatch(n)) for n in names)
+    if n_proj == 0:
+        raise ValueError("no decoder projections (layers.<i>.self_attn.q_proj.weight, ...) found in the pretrained checkpoint")
+    changed = 0
+    bar = tqdm(total=n_proj, desc="SMILE upscaling projections", disable=not progress, dynamic_ncols=True)
+    for name in names:
+        if PROJECTION_BIAS.fullmatch(name):
+            continue  # emitted with its weight
+        if not PROJECTION_WEIGHT.fullmatch(name):
+            tensor = base[name]
+            yield name, tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+            continue
+        prefix = name.removesuffix("weight")
+        w0 = base[name]
+        ws = [_get(e, name, f"fine-tuned #{i}") for i, e in enumerate(experts)]
+        b0 = base[prefix + "bias"] if prefix + "bias" in base else None
+        bs = [_get(e, prefix + "bias", f"fine-tuned #{i}") if b0 is not None else None for i, e in enumerate(experts)]
+        check_layer_inputs(name.removesuffix(".weight"), w0, ws, b0, bs, rank_of_router, rank_of_expert)
+        out_dtype = dtype or w0.dtype
+        if layer_changed(w0, ws, b0, bs):
+            tensors = smile_tensors(w0, ws, b0, bs, rank_of_router, rank_of_expert, True, svd_method, compute_device, out_dtype, name=name)
+            changed += 1
+        else:
+            tensors = _placeholder(w0, b0, len(experts), rank_of_router, rank_of_expert, out_dtype)
+        del ws, bs
+        for key, tensor in tensors.items():
+            yield prefix + key, tensor
+        bar.update()
+    bar.close()
+    if changed == 0:
+        raise ValueError("no decoder projection differs between the pretrained and the fine-tuned models; nothing to upscale")
+    log.info("SMILE: upscaled %d of %d projections (the rest got zero experts)", changed, n_proj)
+
+
+_AUX_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model|vocab\..*|merges\.txt|chat_template\..*)")
+
+
+def upscale_causal_lm_checkpoint(
+    base_path: str | os.PathLike,
+    expert_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    num_experts_per_tok: int = 1,
+    rank_of_router: int = 8,
+    rank_of_expert: int = 512,
+    model_dtype: torch.dtype | None = None,
+    svd_method: SvdMethod = "auto",
+    compute_device: torch.device | str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Stream-upscale safetensors checkpoints into a SMILE checkpoint at ``out_path`` (written atomically).
+
+    Loadable with ``AutoModelForCausalLM.from_pretrained(out_path)`` after importing
+    ``fusion_bench_pave.smile.causal_lm``. Tokenizer and generation files are copied from the base.
+    """
+    base_path = Path(base_path)
+    config = smile_config_from(AutoConfig.from_pretrained(base_path), len(expert_paths), num_experts_per_tok, rank_of_router, rank_of_expert)
+    if model_dtype is not None:
+        config.dtype = model_dtype
+    base = SafetensorsCheckpoint(base_path)
+    experts = [SafetensorsCheckpoint(p) for p in expert_paths]
+    with atomic_output_dir(out_path, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, tensor in smile_causal_lm_tensors(
+            base, experts, rank_of_router=rank_of_router, rank_of_expert=rank_of_expert, dtype=model_dtype,
+            svd_method=svd_method, compute_device=compute_device, progress=progress,
+        ):
+            writer.add(name, tensor)
+        writer.close()
+        config.save_pretrained(tmp)
+        for file in base_path.iterdir():
+            if file.is_file() and _AUX_FILES.fullmatch(file.name) and file.name != INDEX:
+                shutil.copy2(file, tmp / file.name)
+    return Path(out_path)
+
+
+@torch.no_grad()
+def upscale_causal_lm(
+    pretrained: PreTrainedModel,
+    finetuned: Sequence[PreTrainedModel],
+    *,
+    num_experts_per_tok: int = 1,
+    rank_of_router: int = 8,
+    rank_of_expert: int = 512,
+    model_dtype: torch.dtype | None = None,
+    svd_method: SvdMethod = "auto",
+    compute_device: torch.device | str | None = None,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """In-memory variant of :func:`upscale_causal_lm_checkpoint` for already loaded models."""
+    config = smile_config_from(pretrained.config, len(finetuned), num_experts_per_tok, rank_of_router, rank_of_expert)
+    state = dict(smile_causal_lm_tensors(
+        pretrained.state_dict(), [m.state_dict() for m in finetuned], rank_of_router=rank_of_router,
+        rank_of_expert=rank_of_expert, dtype=model_dtype, svd_method=svd_method, compute_device=compute_device, progress=progress,
+    ))
+    model = SMILE_CAUSAL_LMS[pretrained.config.model_type](config).to(model_dtype or pretrained.dtype)
+    model.load_state_dict(state, strict=True)
+    return model.to(pretrained.device).eval()
