@@ -1,0 +1,262 @@
+"""PAVE pure math: streaming covariance, regularisation, purification, spectral rank allocation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fusion_bench_pave.pave.covariance import collect_covariance
+from fusion_bench_pave.pave.purify import context_svd, project_weight, purify_weight
+from fusion_bench_pave.pave.rank_allocation import (
+    allocate_layer,
+    allocate_ranks,
+    floor_rank,
+    normalized_spectrum,
+    rank_budget,
+)
+from fusion_bench_pave.pave.regularize import regularize_doubling, regularize_relative
+
+
+# ------------------------------------------------------------------ covariance
+class TwoHeads(nn.Module):
+    """q/k read the same tensor, out reads another; `mlp` reads its own input."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, 3)
+        self.out = nn.Linear(d, d)
+        self.mlp = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x)
+        a = self.q(h) + self.k(h).sum(-1, keepdim=True)
+        return self.mlp(self.out(a))
+
+
+def _captured_inputs(model: nn.Module, batches):
+    """Oracle: store every Linear input (what PAVE must not do) and return them per module."""
+    store: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, n=n: store.setdefault(n, []).append(args[0].detach()))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    with torch.no_grad():
+        for inputs, mask in batches:
+            model(**inputs)
+    for h in handles:
+        h.remove()
+    return store
+
+
+def test_streaming_covariance_equals_stored_activations_and_shares_inputs():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    batches = [({"x": torch.randn(3, 5, 6)}, None) for _ in range(4)]
+    stats = collect_covariance(model, batches)
+    stored = _captured_inputs(model, batches)
+    assert stats.input_of["k"] == "q"  # shared input computed once
+    assert set(stats.xtx) == {"q", "out", "mlp"}
+    for name, xs in stored.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        torch.testing.assert_close(stats.covariance(name), x.T @ x / x.shape[0], rtol=1e-12, atol=1e-12)
+        assert stats.count[stats.input_of[name]] == 60
+
+
+def test_padding_mask_drops_exactly_the_masked_tokens():
+    torch.manual_seed(1)
+    model = TwoHeads()
+    x = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    masked = collect_covariance(model, [({"x": x}, mask)])
+    real = collect_covariance(model, [({"x": x[0:1, :3]}, None), ({"x": x[1:2, :2]}, None)])
+    assert masked.count["q"] == 5
+    for name in ["q", "k", "out", "mlp"]:
+        # float32 model: only BLAS blocking differs between the two batchings
+        torch.testing.assert_close(masked.covariance(name), real.covariance(name), rtol=1e-6, atol=1e-6)
+
+
+def test_mask_shape_mismatch_is_a_clear_error():
+    model = TwoHeads()
+    with pytest.raises(ValueError, match="mask_padding=false"):
+        collect_covariance(model, [({"x": torch.randn(2, 4, 6)}, torch.ones(2, 3))])
+
+
+def test_bf16_model_accumulates_in_float64():
+    torch.manual_seed(2)
+    model = TwoHeads()
+    batches = [({"x": torch.randn(4, 8, 6)}, None)]
+    ref = collect_covariance(model, batches)
+    low = collect_covariance(model.to(torch.bfloat16), [({"x": batches[0][0]["x"].bfloat16()}, None)])
+    assert low.xtx["q"].dtype == torch.float64
+    torch.testing.assert_close(low.covariance("out"), ref.covariance("out"), rtol=5e-2, atol=5e-2)
+
+
+def test_all_reduce_of_shards_equals_whole():
+    torch.manual_seed(3)
+    model = TwoHeads()
+    batches = [({"x": torch.randn(2, 3, 6)}, None) for _ in range(4)]
+    whole = collect_covariance(model, batches)
+    parts = [collect_covariance(model, batches[r::2]) for r in range(2)]
+    # a fake 2-process all-reduce: each shard's tensor plus the other shard's matching tensor
+    others = iter([parts[1].xtx[k] for k in sorted(parts[1].xtx)] + [
+        torch.tensor([parts[1].count[k] for k in sorted(parts[1].count)], dtype=torch.float64)
+    ])
+    reduced = parts[0].all_reduce(lambda t: t + next(others))
+    for name in ["q", "out", "mlp"]:
+        torch.testing.assert_close(reduced.covariance(name), whole.covariance(name), rtol=1e-12, atol=1e-12)
+    assert reduced.count == whole.count
+
+
+# -------------------------------------------------------------- regularisation
+def test_doubling_rule_meets_the_official_criterion_and_doubles():
+    torch.manual_seed(4)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    cov = x.T @ x / 6  # rank 6 of 16: singular
+    reg, eps = regularize_doubling(cov, eps0=1e-9, tol=5e-2)
+    assert math.log2(eps / 1e-9) == pytest.approx(round(math.log2(eps / 1e-9)))
+    low = reg.float()
+    assert torch.linalg.matrix_norm(torch.linalg.inv(low) @ low - torch.eye(16)) < 5e-2
+    # eps / 2 would fail the check (or eps is eps0)
+    half = (cov + eps / 2 * torch.eye(16, dtype=torch.float64)).float()
+    assert eps == 1e-9 or torch.linalg.matrix_norm(torch.linalg.inv(half) @ half - torch.eye(16)) >= 5e-2
+    torch.testing.assert_close(reg - cov, eps * torch.eye(16, dtype=torch.float64))
+
+
+def test_relative_rule():
+    cov = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    reg, eps = regularize_relative(cov, alpha=0.1)
+    assert eps == pytest.approx(0.2)
+    torch.testing.assert_close(reg, cov + 0.2 * torch.eye(3, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------- purification
+def _problem(out: int = 12, inp: int = 9, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    x = torch.randn(40, inp, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, inp, dtype=torch.float64)
+    cov = x.T @ x / 40 + 0.01 * torch.eye(inp, dtype=torch.float64)
+    return w, cov
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (7, 15)])
+@pytest.mark.parametrize("rank", [1, 4, 6])
+def test_projection_form_equals_inverse_form(shape, rank):
+    w, cov = _problem(*shape)
+    u, s, vh = torch.linalg.svd(w @ cov, full_matrices=False)
+    inverse_form = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank] @ torch.linalg.inv(cov)
+    projected = purify_weight(w, cov, rank)
+    assert torch.linalg.norm(projected - inverse_form) / torch.linalg.norm(inverse_form) <= 1e-5
+    # activated pruning error = sqrt(sum of dropped S^2)
+    err = torch.linalg.norm((w - projected) @ cov)
+    assert err.item() == pytest.approx(s[rank:].square().sum().sqrt().item(), rel=1e-8)
+
+
+def test_full_rank_returns_the_weight_bit_for_bit():
+    w, cov = _problem()
+    w32 = w.float()
+    u, _ = context_svd(w32, cov)
+    assert project_weight(w32, u, u.shape[1]) is w32
+
+
+def test_identity_covariance_reduces_to_truncated_svd():
+    w, _ = _problem()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(
+        purify_weight(w, torch.eye(w.shape[1], dtype=torch.float64), 3), u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
+    )
+
+
+def test_purify_keeps_dtype():
+    w, cov = _problem()
+    assert purify_weight(w.bfloat16(), cov, 3).dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------- rank allocation
+def _random_spectra(num_models: int, full_rank: int, seed: int) -> list[list[float]]:
+    g = torch.Generator().manual_seed(seed)
+    spectra = []
+    for _ in range(num_models):
+        s = torch.rand(full_rank, generator=g, dtype=torch.float64).pow(torch.rand(1, generator=g) * 4)
+        spectra.append(normalized_spectrum(s.sort(descending=True).values))
+    return spectra
+
+
+def _cost(spectra, kept) -> float:
+    return sum(sum(x * x for x in s[k:]) for s, k in zip(spectra, kept))
+
+
+def _sort_optimum(spectra, rho, floor_factor):
+    """Oracle: drop the D globally smallest droppable (beyond-floor) components."""
+    full_rank = len(spectra[0])
+    floor = floor_rank(full_rank, rho, floor_factor)
+    drops = len(spectra) * full_rank - rank_budget(full_rank, len(spectra), rho)
+    candidates = sorted((s[i] ** 2, m) for m, s in enumerate(spectra) for i in range(floor, full_rank))
+    kept = [full_rank] * len(spectra)
+    for _, m in candidates[:drops]:
+        kept[m] -= 1
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_greedy_equals_sort_optimum(seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    num_models = int(torch.randint(2, 9, (1,), generator=g))
+    full_rank = int(torch.randint(4, 80, (1,), generator=g))
+    rho = float(torch.empty(1).uniform_(0.3, 1.0, generator=g))
+    spectra = _random_spectra(num_models, full_rank, seed)
+    kept = allocate_layer(spectra, rho)
+    assert kept == _sort_optimum(spectra, rho, 1.5)
+    assert sum(kept) == rank_budget(full_rank, num_models, rho)
+    assert min(kept) >= floor_rank(full_rank, rho)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_equals_brute_force(seed):
+    spectra = _random_spectra(3, 6, 50 + seed)
+    rho = 0.6
+    floor, budget = floor_rank(6, rho), rank_budget(6, 3, rho)
+    feasible = [k for k in itertools.product(range(floor, 7), repeat=3) if sum(k) <= budget]
+    best = min(_cost(spectra, k) for k in feasible)
+    assert _cost(spectra, allocate_layer(spectra, rho)) == pytest.approx(best, abs=1e-12)
+
+
+def test_floor_formula_and_binding_floor():
+    assert floor_rank(32, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
+    assert floor_rank(64, 63 / 64) == 62
+    assert floor_rank(10, 0.1) == 1  # clamped to one component
+    # one model with a flat spectrum would drop everything if there were no floor
+    spectra = [[1.0] + [1e-6] * 31, [1.0] * 32]
+    # budget floor(0.9*64) = 57: model 0 stops at its floor 28, model 1 drops the remaining 3
+    assert allocate_layer(spectra, 0.9) == [28, 29]
+
+
+def test_rho_one_keeps_everything_in_all_modes():
+    spectra = {"a": _random_spectra(3, 8, 1), "b": _random_spectra(3, 5, 2)}
+    for mode in ["per_layer", "per_model", "uniform"]:
+        assert allocate_ranks(spectra, 1.0, mode) == {"a": [8, 8, 8], "b": [5, 5, 5]}
+
+
+def test_per_model_collapses_to_one_ratio_per_model():
+    spectra = {"a": _random_spectra(3, 40, 3), "b": _random_spectra(3, 20, 4)}
+    per_layer = allocate_ranks(spectra, 0.7, "per_layer")
+    per_model = allocate_ranks(spectra, 0.7, "per_model")
+    for m in range(3):
+        ratio = (per_layer["a"][m] + per_layer["b"][m]) / 60
+        assert per_model["a"][m] == max(1, round(ratio * 40))
+        assert per_model["b"][m] == max(1, round(ratio * 20))
+
+
+def test_uniform_and_invalid_rho():
+    spectra = {"a": _random_spectra(2, 10, 5)}
+    assert allocate_ranks(spectra, 0.55, "uniform") == {"a": [5, 5]}
+    for rho in [0.0, -0.1, 1.01]:
+        with pytest.raises(ValueError, match="rho must be in"):
+            allocate_ranks(spectra, rho)
+    with pytest.raises(ValueError, match="allocation must be"):
+        allocate_ranks(spectra, 0.5, "nope")
