@@ -1,0 +1,222 @@
+"""PAVE FusionBench algorithm on tiny in-process pools: FusionBench's own methods as oracles."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from lightning import Fabric
+from lightning.fabric.loggers import TensorBoardLogger
+from pave_helpers import make_pool
+from torch import nn
+
+import fusion_bench_pave  # noqa: F401  (transformers compat shim)
+from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm
+from fusion_bench.method.dare import DareTiesMerging
+from fusion_bench.method.emr_merging import EMRMerging
+from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave import algorithm as pave_algorithm
+from fusion_bench_pave.pave.purify import purify_weight
+
+TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
+TIES = {
+    "_target_": "fusion_bench.method.TiesMergingAlgorithm",
+    "scaling_factor": 0.7,
+    "threshold": 20,
+    "remove_keys": [],
+    "merge_func": "sum",
+}
+
+
+def pave(merger: dict = TA, **kwargs) -> PAVE:
+    kwargs = {"rho": 1.0, "num_samples": 12, "batch_size": 4, "eps0": 0.01, **kwargs}
+    return PAVE(merger=merger, **kwargs)
+
+
+def model_of(result) -> nn.Module:
+    return result["model"] if isinstance(result, dict) else result
+
+
+def assert_state_dicts_equal(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# ------------------------------------------------------- rho = 1 is the base method
+@pytest.mark.parametrize("kind", ["clip", "t5", "mistral"])
+def test_rho_one_reproduces_task_arithmetic_bit_for_bit(kind):
+    merged = model_of(pave(TA).run(make_pool(kind)))
+    oracle = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool(kind))
+    assert_state_dicts_equal(merged, oracle)
+
+
+@pytest.mark.parametrize("kind", ["clip", "mistral"])
+def test_rho_one_reproduces_ties_bit_for_bit(kind):
+    merged = model_of(pave(TIES).run(make_pool(kind)))
+    oracle = TiesMergingAlgorithm(**{k: v for k, v in TIES.items() if k != "_target_"}).run(make_pool(kind))
+    assert_state_dicts_equal(merged, oracle)
+
+
+def test_rho_one_reproduces_emr():
+    merged = model_of(pave({"_target_": "fusion_bench.method.emr_merging.EMRMerging"}).run(make_pool("clip")))
+    oracle = EMRMerging().run(make_pool("clip"))
+    assert_state_dicts_equal(merged, oracle)
+
+
+def test_rho_one_dare_ties_matches_fusion_bench_dare_ties():
+    dare = {"sparsity_ratio": 0.4, "rescale": True, "only_on_linear_weights": False}
+    merged = model_of(pave({**TIES, "scaling_factor": 0.5}, dare=dare, seed=7).run(make_pool("clip")))
+    pool = make_pool("clip")  # builds models with its own seeds, so seed afterwards
+    torch.manual_seed(7)
+    oracle = DareTiesMerging(
+        sparsity_ratio=0.4, only_on_linear_weights=False, rescale=True, scaling_factor=0.5,
+        threshold=20, remove_keys=[], merge_func="sum",
+    ).run(pool)
+    # same random drops; only the rounding of (W_pre + delta) - W_pre differs
+    for key, value in oracle.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------ purification proper
+def test_purified_task_arithmetic_matches_independent_recomputation():
+    pool = make_pool("mistral")
+    algo = pave(TA, rho=0.8)
+    result = algo.run(pool)
+    merged, extras = result["model"], result["pave"]
+    oracle = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("mistral"))
+    pretrained = make_pool("mistral").load_pretrained_model().state_dict()
+    fresh = make_pool("mistral")
+    purified_layers = {f"{layer}.weight" for layer in extras["full_ranks"]}
+    assert "lm_head.weight" not in purified_layers  # classifier head excluded
+    for key, value in merged.state_dict().items():
+        if key not in purified_layers:
+            assert torch.equal(value, oracle.state_dict()[key]), key  # plain delta elsewhere
+    for layer, full in extras["full_ranks"].items():
+        expected = pretrained[f"{layer}.weight"].clone()
+        for task in fresh.model_names:
+            model = fresh.load_model(task)
+            stats = algo.task_covariance(fresh, task, model)
+            cov_eps, _ = pave_algorithm.regularize_doubling(stats.covariance(layer), 0.01, 5e-2)
+            weight = model.get_submodule(layer).weight.data
+            tilde = purify_weight(weight, cov_eps, extras["ranks"][task][layer])
+            expected += 0.3 * (tilde - pretrained[f"{layer}.weight"])
+        torch.testing.assert_close(merged.state_dict()[f"{layer}.weight"], expected, rtol=1e-5, atol=1e-6)
+    kept = [r for ranks in extras["ranks"].values() for r in ranks.values()]
+    assert min(kept) < max(extras["full_ranks"].values())
+    for layer, full in extras["full_ranks"].items():  # budget per layer
+        assert sum(extras["ranks"][t][layer] for t in extras["ranks"]) <= int(0.8 * 3 * full)
+
+
+def test_shared_inputs_share_one_covariance():
+    pool = make_pool("t5")
+    model = pool.load_model("task0")
+    stats = pave().task_covariance(pool, "task0", model)
+    block = "encoder.block.0.layer.0.SelfAttention"
+    assert stats.input_of[f"{block}.k"] == stats.input_of[f"{block}.v"] == f"{block}.q"
+    cross = [l for l in stats.layers if "EncDecAttention.k" in l or "EncDecAttention.v" in l]
+    assert len(cross) == 4 and len({stats.input_of[l] for l in cross}) == 1  # encoder output, once
+
+
+def test_padding_mask_makes_covariance_independent_of_batching():
+    pool = make_pool("t5")
+    model = pool.load_model("task0")
+    batched = pave(batch_size=6).task_covariance(pool, "task0", model)
+    single = pave(batch_size=1).task_covariance(pool, "task0", model)
+    unmasked = pave(batch_size=6, mask_padding=False).task_covariance(pool, "task0", model)
+    layer = "encoder.block.1.layer.1.DenseReluDense.wo"
+    assert batched.count[batched.input_of[layer]] == single.count[single.input_of[layer]]
+    assert unmasked.count[unmasked.input_of[layer]] > batched.count[batched.input_of[layer]]
+    torch.testing.assert_close(batched.covariance(layer), single.covariance(layer), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_pool():
+    result = pave(TA, rho=0.8).run(make_pool("mistral", dtype=torch.bfloat16))
+    weight = result["model"].model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.bfloat16 and torch.isfinite(weight).all()
+    assert result["pave"]["kept_ratio"]["task0"] < 1
+
+
+def test_allocations_and_report_files(tmp_path):
+    algo = pave(TA, rho=0.75, allocation="per_model")
+    algo.fabric = Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(tmp_path)))
+    extras = algo.run(make_pool("clip"))["pave"]
+    log_dir = algo.log_dir
+    assert os.path.getsize(os.path.join(log_dir, "pave_ranks.png")) > 1000
+    with open(os.path.join(log_dir, "pave_report.json")) as f:
+        assert json.load(f)["ranks"] == extras["ranks"]
+    for task, ranks in extras["ranks"].items():  # per_model: one ratio per model, all layers 32 wide
+        assert len(set(ranks.values())) == 1
+    assert extras["covariance_time_s"] > 0 and extras["purification_time_s"] > 0
+    uniform = pave(TA, rho=0.75, allocation="uniform").run(make_pool("clip"))["pave"]
+    assert {r for ranks in uniform["ranks"].values() for r in ranks.values()} == {24}
+
+
+# ------------------------------------------------------------------------ cache
+def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch):
+    first = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 3 and all(f.startswith("pave_cov_") for f in files)
+
+    def no_collection(*args, **kwargs):
+        raise AssertionError("covariance recollected despite a cache hit")
+
+    monkeypatch.setattr(pave_algorithm, "collect_covariance", no_collection)
+    second = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
+    assert_state_dicts_equal(first, second)
+    with pytest.raises(AssertionError, match="recollected"):  # a different key misses
+        pave(TIES, rho=0.8, num_samples=8, cache_dir=str(tmp_path)).run(make_pool("clip"))
+    monkeypatch.undo()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        pave(TIES, num_samples=10, cache_dir=str(tmp_path)).run(make_pool("clip"))
+    assert sorted(os.listdir(tmp_path)) == files  # nothing half-written
+
+
+# ----------------------------------------------------------------------- errors
+def test_rho_outside_unit_interval():
+    for rho in [0.0, 1.5]:
+        with pytest.raises(ValueError, match=r"rho must be in \(0, 1\]"):
+            pave(rho=rho).run(make_pool("clip"))
+
+
+def test_missing_calibration_data_names_the_task():
+    pool = make_pool("clip")
+    del pool._train_datasets["task1"]
+    with pytest.raises(ValueError, match=r"task 'task1' has no calibration data.*calibration_datasets"):
+        pave().run(pool)
+
+
+def test_fewer_samples_than_asked():
+    with pytest.raises(ValueError, match=r"task 'task0': asked for 50 .* only 24 rows"):
+        pave(num_samples=50).run(make_pool("clip"))
+
+
+def test_shape_mismatch_and_non_finite_weights():
+    pool = make_pool("clip")
+    model = pool.load_model("task2")
+    layer = model.vision_model.encoder.layers[0].mlp.fc1 if hasattr(model, "vision_model") else model.encoder.layers[0].mlp.fc1
+    layer.weight = nn.Parameter(torch.zeros(16, 32))
+    with pytest.raises(ValueError, match=r"task 'task2': parameter '.*fc1.weight' has shape \(16, 32\)"):
+        pave().run(pool)
+    pool = make_pool("clip")
+    with torch.no_grad():
+        next(pool.load_model("task1").parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="task 'task1': parameter .* non-finite"):
+        pave().run(pool)
+
+
+def test_non_finite_covariance_names_the_layer():
+    pool = make_pool("clip")
+    model = pool.load_model("task0")
+    with torch.no_grad():
+        model.get_submodule(next(n for n, m in model.named_modules() if n.endswith("layer_norm2"))).weight.fill_(1e30)
+    with pytest.raises(ValueError, match="task 'task0': non-finite input covariance at Linear"):
+        pave().task_covariance(pool, "task0", model)
