@@ -23,9 +23,9 @@ from pathlib import Path
 
 from fusion_bench_pave.testing import tiny_models, tiny_tasks
 
-RECIPE = 2
+RECIPE = 3
 KINDS = ("clip", "t5", "mistral")
-TRAIN_SIZE = {"clip": 96, "t5": 192, "mistral": 192}
+TRAIN_SIZE = {"clip": 128, "t5": 192, "mistral": 192}
 TEST_SIZE = 64
 STEPS = {"clip": 120, "t5": 60, "mistral": 60}
 LR = {"clip": 1e-3, "t5": 3e-3, "mistral": 3e-3}

@@ -1,0 +1,54 @@
+"""Shared test set-up: every test session builds the tiny zoos into its own fresh cache directory
+(about 20 s), so results never depend on what an earlier run or another checkout left behind.
+Set FUSION_BENCH_PAVE_TEST_CACHE to reuse a directory across runs while developing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = Path(os.environ.get("FUSION_BENCH_PAVE_TEST_CACHE") or tmp_path_factory.mktemp("fbp-cache"))
+    os.environ["FUSION_BENCH_PAVE_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_cache: Path):
+    """``tiny_zoo("clip")`` -> directory of the tiny CLIP zoo, built once per session."""
+    from fusion_bench_pave.testing import ensure_tiny_zoo
+
+    return lambda kind: ensure_tiny_zoo(kind, root=tiny_cache)
+
+
+def compose_fusion_bench(overrides: list[str]):
+    """Compose FusionBench's main config exactly as its CLI does (same config dir, our plugin)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fusion_bench.utils.hydra_utils import get_default_config_path
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
+        return compose("fabric_model_fusion", overrides=overrides)
+
+
+def run_fusion_bench(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``fusion_bench`` CLI of this environment in a subprocess; fail with its output."""
+    exe = Path(sys.executable).with_name("fusion_bench")
+    proc = subprocess.run(
+        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"fusion_bench {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

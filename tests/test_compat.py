@@ -1,0 +1,28 @@
+"""transformers 5 removed CLIPVisionTransformer; fusion_bench 0.2.33's CLIP taskpool imports it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import transformers
+from transformers import CLIPVisionModel
+from transformers.models.clip import modeling_clip
+
+from fusion_bench_pave.compat import patch_transformers_for_fusion_bench
+
+
+def test_alias_present_after_import_and_patch_is_idempotent():
+    import fusion_bench_pave  # noqa: F401  (applies the patch)
+
+    assert hasattr(modeling_clip, "CLIPVisionTransformer")
+    assert patch_transformers_for_fusion_bench() is False  # already there: nothing to do
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert modeling_clip.CLIPVisionTransformer is CLIPVisionModel
+
+
+def test_clip_taskpool_imports_in_a_fresh_interpreter():
+    code = "import fusion_bench_pave; from fusion_bench.taskpool import CLIPVisionModelTaskPool; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")

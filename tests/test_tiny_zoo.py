@@ -1,0 +1,67 @@
+"""The tiny zoos: deterministic, atomic, and fine-tuned copies that actually learned their task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion_bench.utils import instantiate
+
+from fusion_bench_pave.testing import ensure_tiny_zoo, task_names
+from fusion_bench_pave.testing.zoo import RECIPE
+
+from conftest import compose_fusion_bench
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_build_is_deterministic_and_complete(tmp_path, tiny_zoo):
+    again = ensure_tiny_zoo("mistral", root=tmp_path)
+    assert again.name == f"mistral-v{RECIPE}" and (again / "COMPLETE").exists()
+    assert not [p for p in again.parent.iterdir() if p.name.startswith(".mistral-") and p.is_dir()]
+    first = tiny_zoo("mistral")
+    for sub in ["pretrained"] + [f"models/{t}" for t in task_names("mistral")]:
+        a, b = _weights(first / sub), _weights(again / sub)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_existing_zoo_is_reused_not_rebuilt(tiny_zoo):
+    zoo = tiny_zoo("t5")
+    stamp = (zoo / "COMPLETE").stat().st_mtime_ns
+    assert ensure_tiny_zoo("t5", root=zoo.parent.parent) == zoo
+    assert (zoo / "COMPLETE").stat().st_mtime_ns == stamp
+
+
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ValueError, match="unknown tiny zoo 'bert'"):
+        ensure_tiny_zoo("bert")
+
+
+def test_finetuned_t5_changes_every_linear_that_gets_a_gradient(tiny_zoo):
+    # The label word is read at the first decoder step, where decoder self-attention softmaxes over
+    # one position: its q/k get no gradient and stay pretrained. Algorithms must handle such
+    # unchanged layers (SMILE keeps them as plain Linear), so the zoo keeps them on purpose.
+    zoo = tiny_zoo("t5")
+    pre = _weights(zoo / "pretrained")
+    linear = [k for k in pre if k.endswith(("q.weight", "k.weight", "v.weight", "o.weight", "wo.weight"))]
+    frozen = {k for k in linear if "decoder" in k and "SelfAttention" in k and k.endswith(("q.weight", "k.weight"))}
+    assert frozen
+    for task in task_names("t5"):
+        ft = _weights(zoo / "models" / task)
+        unchanged = {k for k in linear if torch.equal(ft[k], pre[k])}
+        assert unchanged == frozen, task
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5", "mistral"])
+def test_each_finetuned_model_beats_pretrained_on_its_own_task(kind):
+    cfg = compose_fusion_bench([f"modelpool=tiny_{kind}", f"taskpool=tiny_{kind}"])
+    pool, taskpool = instantiate(cfg.modelpool), instantiate(cfg.taskpool)
+    pretrained = taskpool.evaluate(pool.load_pretrained_model())
+    for task in pool.model_names:
+        own = taskpool.evaluate(pool.load_model(task))[task]["accuracy"]
+        assert own >= 0.6, (task, own)
+        assert own >= pretrained[task]["accuracy"] + 0.2, (task, own, pretrained[task])
