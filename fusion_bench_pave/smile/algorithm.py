@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from fusion_bench.mixins import auto_register_config
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.dtype import parse_dtype
 from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
+from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm, upscale_causal_lm_checkpoint
+from fusion_bench_pave.smile.io import atomic_output_dir, load_smile_model, save_smile_model
 from fusion_bench_pave.smile.svd import SvdMethod
 from fusion_bench_pave.smile.upscale import upscale_model
 
@@ -84,4 +87,70 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
         )
         if self.model_path is not None:
             save_smile_model(model, self.model_path)
+        return model
+
+
+def local_safetensors_dir(modelpool: BaseModelPool, name: str) -> Path | None:
+    """The pool entry's local checkpoint directory if it holds safetensors weights, else None."""
+    try:
+        path = modelpool.get_model_path(name)
+    except (ValueError, RuntimeError, KeyError):
+        return None
+    if not isinstance(path, (str, Path)) or not Path(path).is_dir():
+        return None
+    return Path(path) if any(Path(path).glob("*.safetensors")) else None
+
+
+@auto_register_config
+class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
+    """SMILE-upscale a Mistral / Llama / Qwen2 causal LM into a ``Smile*ForCausalLM``.
+
+    When every pool entry is a local safetensors directory the checkpoints are streamed tensor by
+    tensor (peak memory independent of depth) into ``model_path`` (or a temporary directory),
+    which is then loaded with ``AutoModelForCausalLM``; otherwise the loaded models are upscaled in
+    memory. Names follow FusionBench's ``SmileMistralUpscalingAlgorithm``: ``num_experts_per_tok``,
+    ``rank_of_router``, ``rank_of_expert`` (<= 0: dense experts), ``model_dtype``, ``device``,
+    ``accelerator`` (SVD device), ``model_path`` (loaded if it exists and ``overwrite`` is false).
+    """
+
+    def __init__(
+        self,
+        num_experts_per_tok: int = 1,
+        rank_of_router: int = 8,
+        rank_of_expert: int = 512,
+        model_dtype: str | None = None,
+        svd_method: SvdMethod = "auto",
+        device: str = "cpu",
+        accelerator: str | None = None,
+        model_path: str | None = None,
+        overwrite: bool = False,
+        max_shard_gb: float = 5.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+
+    @torch.no_grad()
+    def run(self, modelpool: BaseModelPool) -> PreTrainedModel:
+        device = resolve_device(self.device)
+        if self.model_path is not None and Path(self.model_path).exists() and not self.overwrite:
+            log.info("loading cached SMILE model from %s", self.model_path)
+            return AutoModelForCausalLM.from_pretrained(self.model_path).to(device)
+        smile = dict(
+            num_experts_per_tok=self.num_experts_per_tok, rank_of_router=self.rank_of_router,
+            rank_of_expert=self.rank_of_expert, model_dtype=parse_dtype(self.model_dtype),
+            svd_method=self.svd_method, compute_device=resolve_device(self.accelerator),
+        )
+        dirs = [local_safetensors_dir(modelpool, n) for n in ["_pretrained_", *modelpool.model_names]]
+        if all(dirs):
+            with tempfile.TemporaryDirectory() as scratch:
+                out = self.model_path or Path(scratch) / "smile"
+                upscale_causal_lm_checkpoint(
+                    dirs[0], dirs[1:], out, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite, **smile
+                )
+                return AutoModelForCausalLM.from_pretrained(out).to(device).eval()
+        log.info("pool entries are not all local safetensors directories; upscaling in memory")
+        model = upscale_causal_lm(modelpool.load_pretrained_model().to(device), [m.to(device) for m in modelpool.models()], **smile)
+        if self.model_path is not None:
+            with atomic_output_dir(self.model_path, self.overwrite) as tmp:
+                model.save_pretrained(tmp)
         return model

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.smile.decompose import layer_changed, smile_tensors
+from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.svd import SvdMethod
 
@@ -95,35 +95,44 @@ def upscale_model(
     if not 1 <= top_k <= len(finetuned):
         raise ValueError(f"top_k must be in [1, {len(finetuned)}] (the number of fine-tuned models), got {top_k}")
     report = UpscaleReport()
-    modules = list(pretrained.named_modules())
-    for name, module in tqdm(modules, desc="SMILE upscaling", disable=not progress, dynamic_ncols=True, leave=False):
-        if type(module) is nn.Linear:
-            experts = _counterparts(name, finetuned, nn.Linear)
-            ws, bs = [e.weight for e in experts], [e.bias for e in experts]
-            if not _matches(name, target_modules):
-                report.not_targeted.append(name)
-                continue
-            if not layer_changed(module.weight, ws, module.bias, bs):
-                report.unchanged.append(name)
-                continue
-            tensors = smile_tensors(
-                module.weight, ws, module.bias, bs, gate_k, k, routing_use_diff, svd_method, compute_device, dtype, name=name
-            )
-            smile = SmileLinear(
-                module.in_features, module.out_features, len(finetuned), gate_k, k, top_k,
-                bias=module.bias is not None, device="meta",
-            )
-            smile.load_state_dict(tensors, assign=True)
-            _set_module(pretrained, name, smile)
-            report.upscaled.append(name)
-        elif average_experts and not list(module.children()) and not isinstance(module, SmileLinear):
-            if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None:
-                continue
-            average_leaf(module, _counterparts(name, finetuned, type(module)), name)
-            report.averaged.append(name)
-    if not report.upscaled:
+    # validate every targeted layer before any SVD, so bad input fails fast and leaves the model untouched
+    plan: list[tuple[str, nn.Linear, list[nn.Linear]]] = []
+    for name, module in pretrained.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        experts = _counterparts(name, finetuned, nn.Linear)
+        if not _matches(name, target_modules):
+            report.not_targeted.append(name)
+            continue
+        ws, bs = [e.weight for e in experts], [e.bias for e in experts]
+        check_layer_inputs(name, module.weight, ws, module.bias, bs, gate_k, k)
+        if layer_changed(module.weight, ws, module.bias, bs):
+            plan.append((name, module, experts))
+        else:
+            report.unchanged.append(name)
+    if not plan:
         hint = f" matching target_modules={list(target_modules)}" if target_modules is not None else ""
         raise ValueError(f"no nn.Linear{hint} differs between the pretrained and the fine-tuned models; nothing to upscale")
+    leaves = [
+        (name, module) for name, module in pretrained.named_modules()
+        if average_experts and type(module) is not nn.Linear and not list(module.children())
+        and (next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None)
+    ]
+    for name, module in leaves:
+        average_leaf(module, _counterparts(name, finetuned, type(module)), name)
+        report.averaged.append(name)
+    for name, module, experts in tqdm(plan, desc="SMILE upscaling", disable=not progress, dynamic_ncols=True, leave=False):
+        tensors = smile_tensors(
+            module.weight, [e.weight for e in experts], module.bias, [e.bias for e in experts],
+            gate_k, k, routing_use_diff, svd_method, compute_device, dtype, name=name,
+        )
+        smile = SmileLinear(
+            module.in_features, module.out_features, len(finetuned), gate_k, k, top_k,
+            bias=module.bias is not None, device="meta",
+        )
+        smile.load_state_dict(tensors, assign=True)
+        _set_module(pretrained, name, smile)
+        report.upscaled.append(name)
     if dtype is not None:
         pretrained.to(dtype)
     log.info("SMILE: upscaled %d linear layers, %d unchanged, %d not targeted, %d averaged",
