@@ -1,0 +1,152 @@
+"""SMILE causal LMs: Auto-class round trip, streaming == in-memory, untrained layers, FusionBench layer oracle."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import fusion_bench_pave  # noqa: F401
+from fusion_bench.modelpool import BaseModelPool, CausalLMPool
+from fusion_bench_pave.smile import SmileLinear
+from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm
+from fusion_bench_pave.smile.causal_lm import SmileMistralConfig, SmileMistralForCausalLM
+from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm, upscale_causal_lm_checkpoint
+from smile_helpers import finetuned_copies, tiny_causal_lm
+
+PROJ = r"_proj\.weight"
+SMILE = dict(rank_of_router=4, rank_of_expert=8, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def mistral_family(tmp_path_factory):
+    """Pretrained + 3 fine-tuned tiny Mistrals (layer 1 attention untouched), saved as sharded safetensors."""
+    pre = tiny_causal_lm("mistral")
+    fts = finetuned_copies(pre, 3, only=PROJ, skip=r"layers\.1\.self_attn")
+    root = tmp_path_factory.mktemp("mistral")
+    pre.save_pretrained(root / "base", max_shard_size="40KB")
+    for i, m in enumerate(fts):
+        m.save_pretrained(root / f"ft{i}", max_shard_size="40KB")
+    return pre, fts, root
+
+
+def ids(n: int = 2, length: int = 10) -> torch.Tensor:
+    return torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, x=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids() if x is None else x).logits
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path, mistral_family):
+    pre, fts, _ = mistral_family
+    model = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    assert isinstance(model, SmileMistralForCausalLM) and model.config.model_type == "smile_mistral"
+    model.save_pretrained(tmp_path / "smile")
+    assert json.loads((tmp_path / "smile" / "config.json").read_text())["architectures"] == ["SmileMistralForCausalLM"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smile").eval()
+    assert type(reloaded) is SmileMistralForCausalLM
+    assert reloaded.config.num_local_experts == 3 and reloaded.config.rank_of_expert == 8
+    assert torch.equal(logits(model), logits(reloaded))
+    # the untouched attention projections of layer 1 reload as zero-expert SmileLinears: exactly pretrained
+    q = reloaded.model.layers[1].self_attn.q_proj
+    assert isinstance(q, SmileLinear) and torch.count_nonzero(q.router) == 0 and torch.count_nonzero(q.expert_u) == 0
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), pre.model.layers[1].self_attn.q_proj(x))
+
+
+def test_streaming_equals_in_memory_with_sharded_input_and_output(tmp_path, mistral_family):
+    pre, fts, root = mistral_family
+    assert (root / "base" / "model.safetensors.index.json").exists()  # the inputs really are sharded
+    out = upscale_causal_lm_checkpoint(root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "out",
+                                       max_shard_bytes=100_000, progress=False, **SMILE)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    streamed = AutoModelForCausalLM.from_pretrained(out).eval()
+    in_memory = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    torch.testing.assert_close(logits(streamed), logits(in_memory), rtol=0, atol=0)
+    assert (logits(streamed) - logits(pre)).abs().max() > 1e-3
+
+
+def test_top1_dense_single_expert_reproduces_the_finetuned_model(mistral_family):
+    pre, fts, _ = mistral_family
+    model = upscale_causal_lm(pre, fts[:1], rank_of_router=2, rank_of_expert=0, progress=False)
+    torch.testing.assert_close(logits(model), logits(fts[0]), rtol=1e-5, atol=1e-5)
+    full_rank = upscale_causal_lm(pre, fts[:1], rank_of_router=2, rank_of_expert=16, progress=False)  # 16 = min dim (k/v_proj)
+    assert (logits(full_rank) - logits(fts[0])).abs().max() > 1e-4  # q/o/mlp keep only rank 16 of 32: not exact
+    torch.testing.assert_close(full_rank.model.layers[0].self_attn.k_proj(torch.eye(32)),
+                               fts[0].model.layers[0].self_attn.k_proj(torch.eye(32)), rtol=1e-5, atol=1e-5)
+
+
+def test_projection_equals_fusion_bench_upscale_to_smile_linear(mistral_family):
+    from fusion_bench.models.smile_moe.linear_from_hf_config import SmileLinear as FusionBenchSmileLinear
+    from fusion_bench.models.smile_moe.linear_from_hf_config import upscale_to_smile_linear
+
+    pre, fts, _ = mistral_family
+    ours = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    cfg = SmileMistralConfig(num_local_experts=3, **SMILE)
+    for name in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]:
+        base = pre.model.layers[0].get_submodule(name)
+        target = FusionBenchSmileLinear(cfg, base.in_features, base.out_features, bias=False)
+        upscale_to_smile_linear(copy.deepcopy(base), [copy.deepcopy(m.model.layers[0].get_submodule(name)) for m in fts], target)
+        xi = torch.randn(3, 7, base.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.model.layers[0].get_submodule(name)(xi), target(xi), rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_with_biases_round_trips(tmp_path):
+    pre = tiny_causal_lm("qwen2", layers=2)
+    fts = finetuned_copies(pre, 2, only=r"_proj\.(weight|bias)")
+    model = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    assert model.config.model_type == "smile_qwen2" and model.model.layers[0].self_attn.q_proj.expert_bias is not None
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(logits(model), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()))
+
+
+def test_model_dtype_bfloat16_streaming(tmp_path, mistral_family):
+    _, _, root = mistral_family
+    out = upscale_causal_lm_checkpoint(root / "base", [root / "ft0", root / "ft1"], tmp_path / "bf16", model_dtype=torch.bfloat16,
+                                       progress=False, **SMILE)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert AutoConfig.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, mistral_family):
+    pre, fts, root = mistral_family
+    experts = [root / "ft0", root / "ft1"]
+    with pytest.raises(ValueError, match=r"T=0"):
+        upscale_causal_lm_checkpoint(root / "base", [], tmp_path / "a", progress=False, **SMILE)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.k_proj: k=17 out of range .*16x32"):
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", rank_of_router=4, rank_of_expert=17, progress=False)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, 2\]"):
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", rank_of_router=4, rank_of_expert=8, num_experts_per_tok=3)
+    with pytest.raises(ValueError, match="nothing to upscale"):
+        upscale_causal_lm_checkpoint(root / "base", [root / "base"], tmp_path / "a", progress=False, **SMILE | dict(num_experts_per_tok=1))
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # atomic: no partial output
+    bigger = tiny_causal_lm("mistral", layers=3)
+    bigger.model.layers[2].mlp.up_proj = torch.nn.Linear(32, 48, bias=False)
+    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj: fine-tuned model 0 has weight shape \(48, 32\)"):
+        upscale_causal_lm(pre, [bigger], progress=False, **SMILE | dict(num_experts_per_tok=1))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "exists", progress=False, **SMILE)
+
+
+def test_algorithm_streams_from_causal_lm_pool_and_caches(tmp_path, mistral_family):
+    pre, fts, root = mistral_family
+    models = {"_pretrained_": str(root / "base"), **{f"ft{i}": str(root / f"ft{i}") for i in range(3)}}
+    out = tmp_path / "smile"
+    algo = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE)
+    streamed = algo.run(CausalLMPool(models, tokenizer=None))
+    assert (out / "config.json").exists()
+    in_memory = SmileMistralUpscalingAlgorithm(**SMILE).run(
+        BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"ft{i}": copy.deepcopy(m) for i, m in enumerate(fts)}}))
+    assert torch.equal(logits(streamed), logits(in_memory))
+    cached = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE).run(CausalLMPool(models, tokenizer=None))
+    assert torch.equal(logits(cached), logits(streamed))
