@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from fusion_bench_pave.pave.calibration import sample_indices, shard
 from fusion_bench_pave.pave.covariance import collect_covariance
 from fusion_bench_pave.pave.purify import context_svd, project_weight, purify_weight
 from fusion_bench_pave.pave.rank_allocation import (
@@ -111,6 +112,17 @@ def test_all_reduce_of_shards_equals_whole():
     for name in ["q", "out", "mlp"]:
         torch.testing.assert_close(reduced.covariance(name), whole.covariance(name), rtol=1e-12, atol=1e-12)
     assert reduced.count == whole.count
+
+
+def test_shards_deal_whole_batches_and_cover_every_sample_once():
+    indices = sample_indices(100, 23, seed=3, task="t")
+    assert indices == sample_indices(100, 23, seed=3, task="t") and len(set(indices)) == 23
+    shards = [shard(indices, r, 3, 4) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == sorted(indices)
+    batches = [indices[i : i + 4] for i in range(0, 23, 4)]
+    assert shards[1] == batches[1] + batches[4]
+    with pytest.raises(ValueError, match="asked for 24 calibration samples.*only 23 rows"):
+        sample_indices(23, 24, seed=0, task="t")
 
 
 # -------------------------------------------------------------- regularisation

@@ -160,12 +160,12 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             return stats
 
         fabric = self.fabric
-        mine = shard(indices, fabric.global_rank, fabric.world_size)
-        if not mine:
+        if -(-len(indices) // self.batch_size) < fabric.world_size:  # same verdict on every rank
             raise ValueError(
-                f"task '{task}': {self.num_samples} calibration samples cannot be split over "
-                f"{fabric.world_size} processes; use num_samples >= {fabric.world_size}."
+                f"task '{task}': {self.num_samples} calibration samples make fewer batches than the "
+                f"{fabric.world_size} processes; use num_samples >= {fabric.world_size * self.batch_size}."
             )
+        mine = shard(indices, fabric.global_rank, fabric.world_size, self.batch_size)
         batches = iter_batches(
             dataset,
             mine,

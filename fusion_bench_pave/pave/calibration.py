@@ -32,9 +32,11 @@ def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> lis
     return torch.randperm(num_rows, generator=generator)[:num_samples].tolist()
 
 
-def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """The slice of `indices` one process handles (round robin)."""
-    return list(indices[rank::world_size])
+def shard(indices: Sequence[int], rank: int, world_size: int, batch_size: int) -> list[int]:
+    """The rows one process handles: whole batches dealt round robin, so every batch (and its
+    padding) is the same as in a single-process run and the all-reduced sums match it."""
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return [i for batch in batches[rank::world_size] for i in batch]
 
 
 def find_column(dataset: Any, task: str) -> tuple[str, str]:
