@@ -220,3 +220,18 @@ def test_non_finite_covariance_names_the_layer():
         model.get_submodule(next(n for n, m in model.named_modules() if n.endswith("layer_norm2"))).weight.fill_(1e30)
     with pytest.raises(ValueError, match="task 'task0': non-finite input covariance at Linear"):
         pave().task_covariance(pool, "task0", model)
+
+
+def test_configured_calibration_dataset_replaces_the_train_split(tmp_path):
+    pool = make_pool("clip")
+    model = pool.load_model("task0")
+    from_pool = pave().task_covariance(pool, "task0", model)
+    pool._train_datasets["task0"].save_to_disk(str(tmp_path / "task0"))
+    del pool._train_datasets["task0"]
+    configured = pave(calibration_datasets={"task0": str(tmp_path / "task0")})
+    from_disk = configured.task_covariance(pool, "task0", model)
+    for key, value in from_pool.xtx.items():
+        assert torch.equal(from_disk.xtx[key], value)
+    # and a different dataset gives different statistics
+    other = pave(calibration_datasets={"task0": str(tmp_path / "task0")}, seed=1).task_covariance(pool, "task0", model)
+    assert not torch.equal(other.xtx[next(iter(other.xtx))], from_pool.xtx[next(iter(other.xtx))])

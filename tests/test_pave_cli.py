@@ -38,6 +38,17 @@ def test_cli_pave_ties_on_tiny_pools(tmp_path, kind):
     assert all(0.75 < r < 1 for r in pave["kept_ratio"].values())
     assert (log_dir / "pave_ranks.png").stat().st_size > 1000
     assert len(os.listdir(tmp_path / "cache")) == 3
+    if kind == "t5":  # the same run on 2 CPU processes (DDP, gloo), each collecting half the batches
+        ddp_dir = tmp_path / "ddp"
+        fusion_bench(
+            tmp_path, "method=pave_ties", "modelpool=tiny_t5", "taskpool=tiny_t5", "method.num_samples=32",
+            "method.rho=0.9", "method.cache_dir=null", "fabric.devices=2", "fabric.strategy=ddp",
+            "fabric.accelerator=cpu", f"path.log_dir={ddp_dir}",
+        )
+        ddp = report(ddp_dir)
+        assert ddp["pave"]["ranks"] == pave["ranks"]
+        assert ddp["model"]["average"]["accuracy"] == result["model"]["average"]["accuracy"]
+        assert abs(ddp["model"]["average"]["loss"] - result["model"]["average"]["loss"]) < 1e-5
 
 
 @pytest.mark.slow

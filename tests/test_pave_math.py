@@ -11,7 +11,12 @@ from torch import nn
 
 from fusion_bench_pave.pave.calibration import sample_indices, shard
 from fusion_bench_pave.pave.covariance import collect_covariance
-from fusion_bench_pave.pave.purify import context_svd, project_weight, purify_weight
+from fusion_bench_pave.pave.purify import (
+    context_singular_values,
+    context_svd,
+    project_weight,
+    purify_weight,
+)
 from fusion_bench_pave.pave.rank_allocation import (
     allocate_layer,
     allocate_ranks,
@@ -162,6 +167,7 @@ def test_projection_form_equals_inverse_form(shape, rank):
     w, cov = _problem(*shape)
     u, s, vh = torch.linalg.svd(w @ cov, full_matrices=False)
     inverse_form = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank] @ torch.linalg.inv(cov)
+    torch.testing.assert_close(context_singular_values(w, cov), s, rtol=1e-10, atol=1e-10)
     projected = purify_weight(w, cov, rank)
     assert torch.linalg.norm(projected - inverse_form) / torch.linalg.norm(inverse_form) <= 1e-5
     # activated pruning error = sqrt(sum of dropped S^2)

@@ -34,7 +34,7 @@ from fusion_bench_pave.pave.calibration import (
 )
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
 from fusion_bench_pave.pave.plot import save_rank_heatmap
-from fusion_bench_pave.pave.purify import context_svd, project_weight
+from fusion_bench_pave.pave.purify import context_singular_values, context_svd, project_weight
 from fusion_bench_pave.pave.rank_allocation import allocate_ranks, normalized_spectrum
 from fusion_bench_pave.pave.regularize import regularize_doubling, regularize_relative
 
@@ -230,7 +230,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         spectra = {}
         for layer in tqdm(layers, desc="PAVE spectra", disable=not self.fabric.is_global_zero):
             spectra[layer] = [
-                normalized_spectrum(context_svd(mods[layer].weight, cov_eps(t, layer))[1])
+                normalized_spectrum(context_singular_values(mods[layer].weight, cov_eps(t, layer)))
                 for t, mods in zip(tasks, modules)
             ]
         allocated = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)

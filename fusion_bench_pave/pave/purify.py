@@ -17,6 +17,11 @@ def context_svd(weight: Tensor, cov_eps: Tensor) -> tuple[Tensor, Tensor]:
     return u, s
 
 
+def context_singular_values(weight: Tensor, cov_eps: Tensor) -> Tensor:
+    """Singular values of W @ C_eps only (cheaper than the full SVD; for rank allocation)."""
+    return torch.linalg.svdvals(weight.to(torch.float64) @ cov_eps.to(torch.float64))
+
+
 def project_weight(weight: Tensor, u: Tensor, rank: int) -> Tensor:
     """W_tilde = U_r U_r^T W in W's dtype; at full rank W itself is returned unchanged (bit-exact)."""
     if rank >= u.shape[1]:
