@@ -1,0 +1,207 @@
+"""Gather every job of a ``fusion_bench -m`` sweep into one table and plot.
+
+    python -m fusion_bench_pave.summarize outputs/multirun/fabric_model_fusion/2026-11-24_10-00-00
+
+Each job directory (``<sweep>/<n>/``) holds Hydra's ``overrides.yaml`` and, when the job logs into
+its own directory (our presets do), FusionBench's ``program_report.json``. The table has one row per
+job: the overrides that vary across the sweep, per-task and average accuracy, parameter count and
+wall time, sorted by the chosen metric (best first). Writes ``summary.md``, ``summary.csv`` and
+``summary.png`` next to the jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPORT_NAME = "program_report.json"
+NON_TASK_KEYS = {"model_info", "average"}
+
+
+@dataclass
+class Job:
+    """One finished sweep job: its overrides and its report."""
+
+    name: str
+    overrides: dict[str, str]
+    report: dict[str, Any]
+    seconds: float
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def lookup(report: dict[str, Any], dotted: str) -> float | None:
+    """``report["average"]["accuracy"]`` for ``"average.accuracy"``; None where absent."""
+    node: Any = report
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def load_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
+    """Jobs with a report, and the names of job directories that have none (failed or running)."""
+    jobs, missing = [], []
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+        overrides_file = job_dir / "overrides.yaml"
+        if not overrides_file.exists():
+            continue
+        report_file = job_dir / REPORT_NAME
+        if not report_file.exists():
+            missing.append(job_dir.name)
+            continue
+        overrides = dict(o.split("=", 1) for o in (yaml.safe_load(overrides_file.read_text()) or []))
+        seconds = report_file.stat().st_mtime - overrides_file.stat().st_mtime
+        jobs.append(Job(job_dir.name, overrides, json.loads(report_file.read_text()), seconds))
+    return jobs, missing
+
+
+def varying_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value differs between jobs, in first-seen order."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
+
+
+def task_names(jobs: list[Job]) -> list[str]:
+    names = [k for job in jobs for k, v in job.report.items() if k not in NON_TASK_KEYS and isinstance(v, dict)
+             and "accuracy" in v]
+    return list(dict.fromkeys(names))
+
+
+def build_table(jobs: list[Job], metric: str) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows, best ``metric`` first (jobs without the metric last)."""
+    swept, tasks = varying_keys(jobs), task_names(jobs)
+    header = ["job", *swept, *tasks, "average", "params", "seconds"]
+    if metric != "average.accuracy":
+        header.insert(len(header) - 2, metric)
+
+    def score(job: Job) -> float:
+        value = lookup(job.report, metric)
+        return -math.inf if value is None else value
+
+    rows = []
+    for job in sorted(jobs, key=score, reverse=True):
+        row = [job.name, *(job.overrides.get(k, "") for k in swept)]
+        row += [lookup(job.report, f"{t}.accuracy") for t in tasks]
+        row.append(lookup(job.report, "average.accuracy"))
+        if metric != "average.accuracy":
+            row.append(lookup(job.report, metric))
+        params = lookup(job.report, "model_info.all_params")
+        row += [None if params is None else int(params), f"{job.seconds:.1f}"]
+        rows.append(row)
+    return header, rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def to_markdown(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot(jobs: list[Job], metric: str, x_key: str | None, path: Path) -> str:
+    """Metric against ``x_key`` (a numeric override; default: the first numeric swept key, else the
+    parameter count), one line per combination of the other swept keys. Returns the x label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = varying_keys(jobs)
+    if x_key is None:
+        numeric = [k for k in swept if all(_as_float(j.overrides.get(k, "")) is not None for j in jobs)]
+        x_key = numeric[0] if numeric else "params"
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for job in jobs:
+        x = lookup(job.report, "model_info.all_params") if x_key == "params" else _as_float(job.overrides.get(x_key, ""))
+        y = lookup(job.report, metric)
+        if x is None or y is None:
+            continue
+        label = ", ".join(f"{k}={job.overrides.get(k)}" for k in swept if k != x_key) or metric
+        groups.setdefault(label, []).append((x, y))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(groups.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(metric)
+    if len(groups) > 1:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return x_key
+
+
+def summarize(sweep_dir: Path, metric: str = "average.accuracy", x_key: str | None = None,
+              out_dir: Path | None = None) -> str:
+    """Write summary.{md,csv,png} for ``sweep_dir`` into ``out_dir`` (default: the sweep dir);
+    return the Markdown table."""
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    jobs, missing = load_jobs(sweep_dir)
+    if not jobs:
+        raise ValueError(
+            f"no job under {sweep_dir} has a {REPORT_NAME}; run the sweep with a method preset of "
+            "fusion_bench_pave or with path=per_job so that every job logs into its own directory"
+        )
+    out_dir = out_dir or sweep_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = build_table(jobs, metric)
+    markdown = to_markdown(header, rows)
+    constant = {k: v for k, v in jobs[0].overrides.items() if k not in varying_keys(jobs)}
+    if constant:
+        markdown = "Common overrides: " + " ".join(f"`{k}={v}`" for k, v in constant.items()) + "\n\n" + markdown
+    markdown += f"\nSorted by `{metric}`, best first.\n"
+    if missing:
+        markdown += f"Jobs without a report (failed or unfinished): {', '.join(missing)}\n"
+    (out_dir / "summary.md").write_text(markdown)
+    with open(out_dir / "summary.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *([_cell(v) for v in row] for row in rows)])
+    plot(jobs, metric, x_key, out_dir / "summary.png")
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (its subdirectories are the jobs)")
+    parser.add_argument("--metric", default="average.accuracy",
+                        help="dotted report key to sort and plot by; run the sweep on a validation task "
+                             "pool to choose hyperparameters (default: %(default)s)")
+    parser.add_argument("--x", dest="x_key", default=None,
+                        help="override key for the plot's x axis (default: first numeric swept key, else params)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the sweep directory)")
+    args = parser.parse_args(argv)
+    try:
+        print(summarize(args.sweep_dir, args.metric, args.x_key, args.out), end="")
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
