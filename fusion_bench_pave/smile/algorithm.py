@@ -130,7 +130,9 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
         super().__init__(**kwargs)
 
     @torch.no_grad()
-    def run(self, modelpool: BaseModelPool) -> PreTrainedModel:
+    def run(self, modelpool: BaseModelPool | dict[str, PreTrainedModel]) -> PreTrainedModel:
+        if not isinstance(modelpool, BaseModelPool):
+            modelpool = BaseModelPool(modelpool)
         device = resolve_device(self.device)
         if self.model_path is not None and Path(self.model_path).exists() and not self.overwrite:
             log.info("loading cached SMILE model from %s", self.model_path)
