@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,8 +166,9 @@ def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch
         raise AssertionError("covariance recollected despite a cache hit")
 
     monkeypatch.setattr(pave_algorithm, "collect_covariance", no_collection)
-    second = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
-    assert_state_dicts_equal(first, second)
+    second = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))
+    assert second["pave"]["covariance_cache_hits"] == ["task0", "task1", "task2"]
+    assert_state_dicts_equal(first, second["model"])
     with pytest.raises(AssertionError, match="recollected"):  # a different key misses
         pave(TIES, rho=0.8, num_samples=8, cache_dir=str(tmp_path)).run(make_pool("clip"))
     monkeypatch.undo()
@@ -220,6 +222,13 @@ def test_non_finite_covariance_names_the_layer():
         model.get_submodule(next(n for n, m in model.named_modules() if n.endswith("layer_norm2"))).weight.fill_(1e30)
     with pytest.raises(ValueError, match="task 'task0': non-finite input covariance at Linear"):
         pave().task_covariance(pool, "task0", model)
+
+
+def test_plain_model_when_the_program_saves_it():
+    algo = pave(TA)
+    algo._program = SimpleNamespace(merged_model_save_path="{log_dir}/merged")
+    assert isinstance(algo.run(make_pool("clip")), nn.Module)
+    assert isinstance(pave(TA, report_extras=False).run(make_pool("clip")), nn.Module)
 
 
 def test_configured_calibration_dataset_replaces_the_train_split(tmp_path):

@@ -71,5 +71,7 @@ def test_cli_sweep_collects_covariances_once(tmp_path):
         multirun=True,
     )
     assert len(os.listdir(tmp_path / "cache")) == 3  # one file per task, shared by both jobs
-    rhos = [report(tmp_path / "sweep" / str(i))["pave"]["rho"] for i in range(2)]
-    assert rhos == [0.8, 0.9]
+    jobs = [report(tmp_path / "sweep" / str(i))["pave"] for i in range(2)]
+    assert [job["rho"] for job in jobs] == [0.8, 0.9]
+    assert jobs[0]["covariance_cache_hits"] == []
+    assert jobs[1]["covariance_cache_hits"] == ["sentiment", "topic", "weather"]

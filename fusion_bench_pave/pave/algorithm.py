@@ -93,6 +93,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             report_extras: return {"model": merged, "pave": extras} so extras reach the report.
         """
         super().__init__(**kwargs)
+        self._cache_hits: list[str] = []  # tasks whose covariance came from the cache in this run
+        self._preprocessor_object: Any = None
 
     # ------------------------------------------------------------------ run
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
@@ -106,6 +108,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         check_compatible(pretrained, finetuned)
 
         start = time.perf_counter()
+        self._cache_hits, self._preprocessor_object = [], None
         stats = {name: self.task_covariance(modelpool, name, model) for name, model in finetuned.items()}
         covariance_time = time.perf_counter() - start
 
@@ -121,6 +124,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "allocation": self.allocation,
             "covariance_time_s": covariance_time,
             "purification_time_s": purification_time,
+            "covariance_cache_hits": self._cache_hits,
             "kept_ratio": {
                 t: sum(r.values()) / max(1, sum(full_ranks.values())) for t, r in ranks.items()
             },
@@ -157,6 +161,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "exclude": list(HEADS if self.exclude_modules is None else self.exclude_modules),
         }
         if cache is not None and (stats := cache.load(parts)) is not None:
+            self._cache_hits.append(task)
             return stats
 
         fabric = self.fabric
@@ -198,9 +203,9 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         return stats
 
     def _preprocessor(self, modelpool: BaseModelPool) -> Any:
-        if getattr(self, "_cached_preprocessor", None) is None:
-            self._cached_preprocessor = load_preprocessor(modelpool)
-        return self._cached_preprocessor
+        if self._preprocessor_object is None:
+            self._preprocessor_object = load_preprocessor(modelpool)
+        return self._preprocessor_object
 
     # --------------------------------------------------------- purification
     def _regularize(self, cov: Tensor) -> Tensor:
@@ -270,6 +275,9 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
 
 def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> None:
     """Same parameter names and shapes as the pretrained model, and finite weights."""
+    for key, tensor in pretrained.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"pretrained model: parameter '{key}' has non-finite values (NaN/inf).")
     reference = {k: v.shape for k, v in pretrained.state_dict().items()}
     for task, model in finetuned.items():
         state = model.state_dict()
