@@ -47,6 +47,15 @@ def lookup(report: dict[str, Any], dotted: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
+def evaluation(report: dict[str, Any]) -> dict[str, Any]:
+    """The task pool's part of a report. Methods that return ``{"model": m, <extras>}`` (PAVE does)
+    get ``{"model": <evaluation>, <extras>}`` from FusionBench; then the evaluation is ``report["model"]``."""
+    if "average" in report:
+        return report
+    nested = [v for v in report.values() if isinstance(v, dict) and "average" in v]
+    return nested[0] if len(nested) == 1 else report
+
+
 def load_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
     """Jobs with a report, and the names of job directories that have none (failed or running)."""
     jobs, missing = [], []
@@ -64,6 +73,12 @@ def load_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
     return jobs, missing
 
 
+def metric_value(report: dict[str, Any], metric: str) -> float | None:
+    """``metric`` looked up in the evaluation first, then in the whole report (method extras)."""
+    value = lookup(evaluation(report), metric)
+    return value if value is not None else lookup(report, metric)
+
+
 def varying_keys(jobs: list[Job]) -> list[str]:
     """Override keys whose value differs between jobs, in first-seen order."""
     keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
@@ -71,8 +86,8 @@ def varying_keys(jobs: list[Job]) -> list[str]:
 
 
 def task_names(jobs: list[Job]) -> list[str]:
-    names = [k for job in jobs for k, v in job.report.items() if k not in NON_TASK_KEYS and isinstance(v, dict)
-             and "accuracy" in v]
+    names = [k for job in jobs for k, v in evaluation(job.report).items()
+             if k not in NON_TASK_KEYS and isinstance(v, dict) and "accuracy" in v]
     return list(dict.fromkeys(names))
 
 
@@ -84,17 +99,18 @@ def build_table(jobs: list[Job], metric: str) -> tuple[list[str], list[list[Any]
         header.insert(len(header) - 2, metric)
 
     def score(job: Job) -> float:
-        value = lookup(job.report, metric)
+        value = metric_value(job.report, metric)
         return -math.inf if value is None else value
 
     rows = []
     for job in sorted(jobs, key=score, reverse=True):
+        scores = evaluation(job.report)
         row = [job.name, *(job.overrides.get(k, "") for k in swept)]
-        row += [lookup(job.report, f"{t}.accuracy") for t in tasks]
-        row.append(lookup(job.report, "average.accuracy"))
+        row += [lookup(scores, f"{t}.accuracy") for t in tasks]
+        row.append(lookup(scores, "average.accuracy"))
         if metric != "average.accuracy":
-            row.append(lookup(job.report, metric))
-        params = lookup(job.report, "model_info.all_params")
+            row.append(metric_value(job.report, metric))
+        params = lookup(scores, "model_info.all_params")
         row += [None if params is None else int(params), f"{job.seconds:.1f}"]
         rows.append(row)
     return header, rows
@@ -135,8 +151,9 @@ def plot(jobs: list[Job], metric: str, x_key: str | None, path: Path) -> str:
         x_key = numeric[0] if numeric else "params"
     groups: dict[str, list[tuple[float, float]]] = {}
     for job in jobs:
-        x = lookup(job.report, "model_info.all_params") if x_key == "params" else _as_float(job.overrides.get(x_key, ""))
-        y = lookup(job.report, metric)
+        params = lookup(evaluation(job.report), "model_info.all_params")
+        x = params if x_key == "params" else _as_float(job.overrides.get(x_key, ""))
+        y = metric_value(job.report, metric)
         if x is None or y is None:
             continue
         label = ", ".join(f"{k}={job.overrides.get(k)}" for k in swept if k != x_key) or metric
