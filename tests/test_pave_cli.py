@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -26,16 +27,17 @@ def report(log_dir: Path) -> dict:
 @pytest.mark.parametrize("kind", ["clip", "t5", "mistral"])
 def test_cli_pave_ties_on_tiny_pools(tmp_path, kind):
     log_dir = tmp_path / "logs"
+    rho = {"clip": [], "t5": ["method.rho=0.9"], "mistral": ["method.rho=0.8"]}[kind]  # clip: preset 63/64
     fusion_bench(
         tmp_path, "method=pave_ties", f"modelpool=tiny_{kind}", f"taskpool=tiny_{kind}",
-        "method.num_samples=32", "method.rho=0.9", f"path.log_dir={log_dir}",
-        f"method.cache_dir={tmp_path / 'cache'}",
+        "method.num_samples=32", *rho, f"path.log_dir={log_dir}", f"method.cache_dir={tmp_path / 'cache'}",
     )
     result = report(log_dir)
     assert 0 <= result["model"]["average"]["accuracy"] <= 1
     pave = result["pave"]
-    assert set(pave["ranks"]) == {t for t in pave["kept_ratio"]} and len(pave["ranks"]) == 3
-    assert all(0.75 < r < 1 for r in pave["kept_ratio"].values())
+    assert len(pave["ranks"]) == 3 and pave["rho"] == {"clip": 63 / 64, "t5": 0.9, "mistral": 0.8}[kind]
+    for layer, full in pave["full_ranks"].items():  # every layer spends exactly its budget
+        assert sum(ranks[layer] for ranks in pave["ranks"].values()) == math.floor(pave["rho"] * 3 * full)
     assert (log_dir / "pave_ranks.png").stat().st_size > 1000
     assert len(os.listdir(tmp_path / "cache")) == 3
     if kind == "t5":  # the same run on 2 CPU processes (DDP, gloo), each collecting half the batches

@@ -212,7 +212,7 @@ def _cost(spectra, kept) -> float:
 def _sort_optimum(spectra, rho, floor_factor):
     """Oracle: drop the D globally smallest droppable (beyond-floor) components."""
     full_rank = len(spectra[0])
-    floor = floor_rank(full_rank, rho, floor_factor)
+    floor = floor_rank(full_rank, len(spectra), rho, floor_factor)
     drops = len(spectra) * full_rank - rank_budget(full_rank, len(spectra), rho)
     candidates = sorted((s[i] ** 2, m) for m, s in enumerate(spectra) for i in range(floor, full_rank))
     kept = [full_rank] * len(spectra)
@@ -231,23 +231,28 @@ def test_greedy_equals_sort_optimum(seed):
     kept = allocate_layer(spectra, rho)
     assert kept == _sort_optimum(spectra, rho, 1.5)
     assert sum(kept) == rank_budget(full_rank, num_models, rho)
-    assert min(kept) >= floor_rank(full_rank, rho)
+    assert min(kept) >= floor_rank(full_rank, num_models, rho)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_greedy_equals_brute_force(seed):
     spectra = _random_spectra(3, 6, 50 + seed)
     rho = 0.6
-    floor, budget = floor_rank(6, rho), rank_budget(6, 3, rho)
+    floor, budget = floor_rank(6, 3, rho), rank_budget(6, 3, rho)
     feasible = [k for k in itertools.product(range(floor, 7), repeat=3) if sum(k) <= budget]
     best = min(_cost(spectra, k) for k in feasible)
     assert _cost(spectra, allocate_layer(spectra, rho)) == pytest.approx(best, abs=1e-12)
 
 
 def test_floor_formula_and_binding_floor():
-    assert floor_rank(32, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
-    assert floor_rank(64, 63 / 64) == 62
-    assert floor_rank(10, 0.1) == 1  # clamped to one component
+    assert floor_rank(32, 2, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
+    assert floor_rank(64, 8, 63 / 64) == 62
+    assert floor_rank(10, 2, 0.1) == 1  # clamped to one component
+    # round(63/64 * 32) = 32 would give floor 32 > budget share floor(94 / 3) = 31
+    assert floor_rank(32, 3, 63 / 64) == 31
+    assert sum(allocate_layer(_random_spectra(3, 32, 9), 63 / 64)) == 94
+    with pytest.raises(ValueError, match="fewer than one component per model"):
+        allocate_layer(_random_spectra(3, 4, 9), 0.1)
     # one model with a flat spectrum would drop everything if there were no floor
     spectra = [[1.0] + [1e-6] * 31, [1.0] * 32]
     # budget floor(0.9*64) = 57: model 0 stops at its floor 28, model 1 drops the remaining 3

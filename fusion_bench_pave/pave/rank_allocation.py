@@ -21,10 +21,12 @@ def rank_budget(full_rank: int, num_models: int, rho: float) -> int:
     return math.floor(rho * num_models * full_rank + 1e-9)
 
 
-def floor_rank(full_rank: int, rho: float, floor_factor: float = 1.5) -> int:
-    """Fewest components any model may keep: R - round(factor * (R - round(rho * R))), at least 1."""
+def floor_rank(full_rank: int, num_models: int, rho: float, floor_factor: float = 1.5) -> int:
+    """Fewest components any model may keep: R - round(factor * (R - round(rho * R))), capped at
+    budget // T so the budget stays reachable (round(rho * R) can round up to R), and at least 1."""
     dropped = full_rank - round(rho * full_rank)
-    return max(1, full_rank - round(floor_factor * dropped))
+    share = rank_budget(full_rank, num_models, rho) // num_models
+    return max(1, min(full_rank - round(floor_factor * dropped), share))
 
 
 def normalized_spectrum(singular_values: Tensor) -> list[float]:
@@ -40,12 +42,12 @@ def allocate_layer(spectra: Sequence[Sequence[float]], rho: float, floor_factor:
     full_rank = len(spectra[0])
     if any(len(s) != full_rank for s in spectra):
         raise ValueError("all models of a layer must have the same number of singular values")
-    floor = floor_rank(full_rank, rho, floor_factor)
+    floor = floor_rank(full_rank, len(spectra), rho, floor_factor)
     budget = rank_budget(full_rank, len(spectra), rho)
     if floor * len(spectra) > budget:
         raise ValueError(
-            f"floor of {floor} components per model exceeds the budget {budget} "
-            f"(R={full_rank}, T={len(spectra)}, rho={rho}); raise floor_factor or rho."
+            f"rho={rho} leaves fewer than one component per model (R={full_rank}, T={len(spectra)}, "
+            f"budget {budget}); raise rho."
         )
     kept = [full_rank] * len(spectra)
     heap = [(s[full_rank - 1] ** 2, m) for m, s in enumerate(spectra) if full_rank > floor]
