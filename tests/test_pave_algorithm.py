@@ -215,6 +215,13 @@ def test_shape_mismatch_and_non_finite_weights():
         pave().run(pool)
 
 
+def test_calibration_data_must_be_a_hf_dataset():
+    pool = make_pool("clip")
+    pool._train_datasets["task0"] = [1, 2, 3]
+    with pytest.raises(ValueError, match="task 'task0': calibration data must be a Hugging Face"):
+        pave(num_samples=2).run(pool)
+
+
 def test_non_finite_covariance_names_the_layer():
     pool = make_pool("clip")
     model = pool.load_model("task0")

@@ -1,4 +1,13 @@
-"""PAVE: purifying task vectors in a knowledge-aware subspace (arXiv 2510.14697)."""
+"""PAVE: purifying task vectors in a knowledge-aware subspace (arXiv 2510.14697).
+
+Pure math (torch only):  covariance.py (streaming X^T X hooks), regularize.py (C + eps I),
+purify.py (context SVD, projection U_r U_r^T W), rank_allocation.py (spectral rank allocation),
+cache.py (atomic on-disk covariance cache). FusionBench glue: calibration.py (train split -> model
+inputs), algorithm.py (the `PAVE` algorithm), plot.py (rank heatmap).
+
+Usage: ``fusion_bench method=pave_ties modelpool=... taskpool=...`` (also pave_ta, pave_dare_ties,
+pave_emr), or ``PAVE(merger={...}, rho=...).run(modelpool)``.
+"""
 
 from fusion_bench_pave.pave.algorithm import PAVE
 

@@ -267,8 +267,10 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         log_dir = self.log_dir
         if log_dir is None or not self.fabric.is_global_zero:
             return
-        with open(os.path.join(log_dir, "pave_report.json"), "w") as f:
+        path = os.path.join(log_dir, "pave_report.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(extras, f, indent=2)
+        os.replace(path + ".tmp", path)
         if extras["full_ranks"]:
             save_rank_heatmap(extras["ranks"], extras["full_ranks"], os.path.join(log_dir, "pave_ranks.png"))
 

@@ -41,6 +41,11 @@ def shard(indices: Sequence[int], rank: int, world_size: int, batch_size: int) -
 
 def find_column(dataset: Any, task: str) -> tuple[str, str]:
     """('image'|'text', column name) of the model input column."""
+    if not hasattr(dataset, "column_names"):
+        raise ValueError(
+            f"task '{task}': calibration data must be a Hugging Face datasets.Dataset with an image "
+            f"or text column, got {type(dataset).__name__}."
+        )
     columns = list(dataset.column_names)
     for kind, names in (("image", IMAGE_COLUMNS), ("text", TEXT_COLUMNS)):
         for name in names:
