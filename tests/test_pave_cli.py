@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import run_fusion_bench
 
 
-def fusion_bench(cwd: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    args = ["fusion_bench", *(["-m"] if multirun else []), *overrides]
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+def fusion_bench(cwd: Path, *overrides: str, multirun: bool = False) -> None:
+    run_fusion_bench([*(["-m"] if multirun else []), *overrides], cwd=cwd)
 
 
 def report(log_dir: Path) -> dict:
@@ -69,7 +66,7 @@ def test_cli_sweep_collects_covariances_once(tmp_path):
     fusion_bench(
         tmp_path, "method=pave_ta", "modelpool=tiny_t5", "taskpool=tiny_t5", "method.num_samples=16",
         "method.rho=0.8,0.9", f"method.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}", "path.log_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",  # the preset selects path=per_job: one log dir per job
         multirun=True,
     )
     assert len(os.listdir(tmp_path / "cache")) == 3  # one file per task, shared by both jobs
