@@ -68,13 +68,14 @@ def test_rho_one_reproduces_emr():
     assert_state_dicts_equal(merged, oracle)
 
 
-def test_rho_one_dare_ties_matches_fusion_bench_dare_ties():
-    dare = {"sparsity_ratio": 0.4, "rescale": True, "only_on_linear_weights": False}
+@pytest.mark.parametrize("linear_only", [False, True])
+def test_rho_one_dare_ties_matches_fusion_bench_dare_ties(linear_only):
+    dare = {"sparsity_ratio": 0.4, "rescale": True, "only_on_linear_weights": linear_only}
     merged = model_of(pave({**TIES, "scaling_factor": 0.5}, dare=dare, seed=7).run(make_pool("clip")))
     pool = make_pool("clip")  # builds models with its own seeds, so seed afterwards
     torch.manual_seed(7)
     oracle = DareTiesMerging(
-        sparsity_ratio=0.4, only_on_linear_weights=False, rescale=True, scaling_factor=0.5,
+        sparsity_ratio=0.4, only_on_linear_weights=linear_only, rescale=True, scaling_factor=0.5,
         threshold=20, remove_keys=[], merge_func="sum",
     ).run(pool)
     # same random drops; only the rounding of (W_pre + delta) - W_pre differs
