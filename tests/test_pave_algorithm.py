@@ -216,6 +216,15 @@ def test_shape_mismatch_and_non_finite_weights():
         pave().run(pool)
 
 
+def test_num_rows_caps_every_input_and_errors_when_short():
+    pool = make_pool("clip")  # 17 tokens per 32x32 image with 8x8 patches
+    model = pool.load_model("task0")
+    stats = pave(num_rows=100).task_covariance(pool, "task0", model)
+    assert set(stats.count.values()) == {100}
+    with pytest.raises(ValueError, match=r"task 'task0': Linear '.*' got only 204 token rows .* num_rows=300"):
+        pave(num_rows=300).task_covariance(pool, "task0", model)
+
+
 def test_calibration_data_must_be_a_hf_dataset():
     pool = make_pool("clip")
     pool._train_datasets["task0"] = [1, 2, 3]

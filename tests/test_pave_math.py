@@ -87,6 +87,27 @@ def test_padding_mask_drops_exactly_the_masked_tokens():
         torch.testing.assert_close(masked.covariance(name), real.covariance(name), rtol=1e-6, atol=1e-6)
 
 
+def test_row_cap_keeps_the_first_rows_and_stops_early():
+    torch.manual_seed(6)
+    model = TwoHeads()
+    x = torch.randn(5, 2, 4, 6)
+    mask = torch.ones(5, 2, 4, dtype=torch.long)
+    mask[:, 1, 3] = 0
+    consumed = []
+
+    def batches():
+        for i in range(5):
+            consumed.append(i)
+            yield {"x": x[i]}, mask[i]
+
+    stats = collect_covariance(model, batches(), max_rows=10)
+    assert consumed == [0, 1]  # 7 + 7 real rows >= 10: the last three batches never run
+    rows = torch.cat([x[i].reshape(-1, 6)[mask[i].reshape(-1).bool()] for i in range(2)])[:10]
+    h = torch.tanh(rows).double()
+    assert stats.count == {"q": 10, "out": 10, "mlp": 10}
+    torch.testing.assert_close(stats.covariance("k"), h.T @ h / 10, rtol=1e-6, atol=1e-6)
+
+
 def test_mask_shape_mismatch_is_a_clear_error():
     model = TwoHeads()
     with pytest.raises(ValueError, match="mask_padding=false"):

@@ -55,6 +55,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         allocation: Literal["per_layer", "per_model", "uniform"] = "per_layer",
         floor_factor: float = 1.5,
         num_samples: int = 64,
+        num_rows: Optional[int] = None,
         batch_size: int = 16,
         max_length: int = 128,
         mask_padding: bool = True,
@@ -78,6 +79,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             allocation: per_layer (greedy optimum), per_model (official collapse) or uniform.
             floor_factor: no model keeps fewer than R - round(factor * (R - round(rho * R))).
             num_samples: calibration samples drawn (seeded) from each task's train split.
+            num_rows: optional N of the official code: each input's covariance uses its first
+                num_rows (unmasked) token rows of those samples; single process only.
             batch_size, max_length: calibration batching and text truncation.
             mask_padding: exclude padding tokens from the covariance.
             regularization: "doubling" (official: eps0 doubled until ||C^-1 C - I||_F < eps_tol)
@@ -154,6 +157,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "model": fingerprint_state_dict(model.state_dict()),
             "dataset": dataset_fingerprint(dataset, task),
             "num_samples": self.num_samples,
+            "num_rows": self.num_rows,
             "seed": self.seed,
             "mask_padding": self.mask_padding,
             "max_length": self.max_length,
@@ -165,6 +169,11 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             return stats
 
         fabric = self.fabric
+        if self.num_rows is not None and fabric.world_size > 1:
+            raise ValueError(
+                "num_rows takes the first rows in calibration order, which one process cannot know "
+                "under DDP; use num_samples (num_rows=null) with fabric.devices > 1."
+            )
         if -(-len(indices) // self.batch_size) < fabric.world_size:  # same verdict on every rank
             raise ValueError(
                 f"task '{task}': {self.num_samples} calibration samples make fewer batches than the "
@@ -187,7 +196,14 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             desc=f"PAVE covariance [{task}]",
             disable=not fabric.is_global_zero,
         )
-        stats = collect_covariance(model, batches, self._include, DTYPES[self.accumulate_dtype])
+        stats = collect_covariance(model, batches, self._include, DTYPES[self.accumulate_dtype], self.num_rows)
+        short = {key: n for key, n in stats.count.items() if n < (self.num_rows or 0)}
+        if short:
+            key, n = next(iter(short.items()))
+            raise ValueError(
+                f"task '{task}': Linear '{key}' got only {n} token rows from {self.num_samples} samples, "
+                f"fewer than num_rows={self.num_rows}; raise num_samples or lower num_rows."
+            )
         if fabric.world_size > 1:
             stats = stats.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
         for key, xtx in stats.xtx.items():

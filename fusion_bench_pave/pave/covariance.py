@@ -52,10 +52,12 @@ class CovarianceCollector:
         model: nn.Module,
         include: Optional[LinearFilter] = None,
         dtype: torch.dtype = torch.float64,
+        max_rows: Optional[int] = None,
     ):
         self.model = model
         self.include = include or (lambda name, module: True)
         self.dtype = dtype
+        self.max_rows = max_rows
         self.stats = CovarianceStats()
         self._mask: Optional[Tensor] = None
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
@@ -78,6 +80,12 @@ class CovarianceCollector:
         self._mask = None if mask is None else mask.bool()
         self._seen.clear()
 
+    @property
+    def full(self) -> bool:
+        """True once every input seen so far has `max_rows` rows (never without a cap)."""
+        counts = self.stats.count.values()
+        return self.max_rows is not None and bool(counts) and min(counts) >= self.max_rows
+
     def _rows(self, name: str, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if self._mask is None:
@@ -98,7 +106,10 @@ class CovarianceCollector:
                 source = seen[1]
             else:
                 source = name
-                rows = self._rows(name, x.detach()).to(self.dtype)
+                rows = self._rows(name, x.detach())
+                if self.max_rows is not None:
+                    rows = rows[: max(0, self.max_rows - self.stats.count.get(name, 0))]
+                rows = rows.to(self.dtype)
                 if name in self.stats.xtx:
                     self.stats.xtx[name].addmm_(rows.T, rows)
                 else:
@@ -121,15 +132,19 @@ def collect_covariance(
     batches: Iterable[tuple[dict, Optional[Tensor]]],
     include: Optional[LinearFilter] = None,
     dtype: torch.dtype = torch.float64,
+    max_rows: Optional[int] = None,
 ) -> CovarianceStats:
-    """Run `model(**inputs)` on every (inputs, token_mask) batch and return the input statistics."""
+    """Run `model(**inputs)` on every (inputs, token_mask) batch and return the input statistics.
+    With `max_rows`, each input keeps its first max_rows rows and the loop stops once all have them."""
     was_training = model.training
     model.eval()
     try:
-        with CovarianceCollector(model, include, dtype) as collector:
+        with CovarianceCollector(model, include, dtype, max_rows) as collector:
             for inputs, mask in batches:
                 collector.set_token_mask(mask)
                 model(**inputs)
+                if collector.full:
+                    break
     finally:
         model.train(was_training)
     return collector.stats
