@@ -18,6 +18,12 @@ def _tiny_zoo(kind: str) -> str:
     return str(ensure_tiny_zoo(kind))
 
 
+def _zoo(name: str) -> str:
+    from fusion_bench_pave.zoo import ensure_zoo
+
+    return str(ensure_zoo(name))
+
+
 def _job_log_dir(default: str) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -31,5 +37,7 @@ def _job_log_dir(default: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("fbp_tiny"):
         OmegaConf.register_new_resolver("fbp_tiny", _tiny_zoo, use_cache=True)
+    if not OmegaConf.has_resolver("fbp_zoo"):  # ${fbp_zoo:minilm}: a real zoo (fusion_bench_pave.zoo)
+        OmegaConf.register_new_resolver("fbp_zoo", _zoo, use_cache=True)
     if not OmegaConf.has_resolver("fbp_job_log_dir"):
         OmegaConf.register_new_resolver("fbp_job_log_dir", _job_log_dir)

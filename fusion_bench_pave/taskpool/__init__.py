@@ -2,5 +2,6 @@
 
 from fusion_bench_pave.taskpool.clip_taskpool import CLIPVisionTaskPool
 from fusion_bench_pave.taskpool.label_words_taskpool import LabelWordsTaskPool
+from fusion_bench_pave.taskpool.sentence_encoder_taskpool import SentenceEncoderTaskPool
 
-__all__ = ["CLIPVisionTaskPool", "LabelWordsTaskPool"]
+__all__ = ["CLIPVisionTaskPool", "LabelWordsTaskPool", "SentenceEncoderTaskPool"]

@@ -14,14 +14,10 @@ concurrent runs (pytest workers, multirun jobs) never see a half-built zoo.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from fusion_bench_pave.testing import tiny_models, tiny_tasks
+from fusion_bench_pave.zoo.store import build_once, cache_root
 
 RECIPE = 3
 KINDS = ("clip", "t5", "mistral")
@@ -31,24 +27,8 @@ STEPS = {"clip": 120, "t5": 60, "mistral": 60}
 LR = {"clip": 1e-3, "t5": 3e-3, "mistral": 3e-3}
 
 
-def cache_root() -> Path:
-    """``$FUSION_BENCH_PAVE_CACHE`` or ``~/.cache/fusion_bench_pave``."""
-    return Path(os.environ.get("FUSION_BENCH_PAVE_CACHE", Path.home() / ".cache" / "fusion_bench_pave"))
-
-
 def task_names(kind: str) -> list[str]:
     return list(tiny_tasks.IMAGE_TASKS if kind == "clip" else tiny_tasks.TEXT_TASKS)
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_tiny_zoo(kind: str, root: Path | None = None) -> Path:
@@ -56,21 +36,7 @@ def ensure_tiny_zoo(kind: str, root: Path | None = None) -> Path:
     if kind not in KINDS:
         raise ValueError(f"unknown tiny zoo {kind!r}; choose one of {KINDS}")
     target = (root or cache_root()) / "tiny" / f"{kind}-v{RECIPE}"
-    if (target / "COMPLETE").exists():
-        return target
-    with _locked(target.parent / f".{kind}.lock"):
-        if (target / "COMPLETE").exists():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
-        try:
-            _build(kind, staging)
-            (staging / "COMPLETE").write_text(f"recipe {RECIPE}\n")
-            if target.exists():  # an incomplete leftover from an older, killed build
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(target, lambda staging: _build(kind, staging), f"recipe {RECIPE}\n")
 
 
 def _save_dataset(examples: list[dict], path: Path, image: bool) -> None:

@@ -1,0 +1,112 @@
+"""FusionBench task pool: zero-shot label-prompt accuracy of a BERT-style sentence encoder."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fusion_bench import BaseTaskPool, auto_register_config
+from fusion_bench.mixins import LightningFabricMixin
+from fusion_bench.utils import count_parameters, instantiate
+
+from fusion_bench_pave.taskpool.sentence_encoder import embed, label_prompt_head, prompt_logits
+
+log = logging.getLogger(__name__)
+
+
+@auto_register_config
+class SentenceEncoderTaskPool(LightningFabricMixin, BaseTaskPool):
+    """Evaluates an encoder (``model(input_ids, attention_mask)[0]`` = token states) on datasets of
+    ``{"text", "label"}`` rows with frozen label-prompt heads from the pretrained ``encoder``.
+
+    Models with ``set_task`` (FusionBench's task-modulated models, e.g. EMR-Merging) are switched
+    to each task before it is evaluated.
+
+    Args:
+        test_datasets: task name -> dataset (or its config).
+        encoder: path of the pretrained encoder whose prompt embeddings form the heads.
+        label_prompts: task name -> ``{classnames: [...], templates: ["... {} ..."]}``.
+        tokenizer: path or config of the tokenizer; None uses ``encoder``'s.
+        logit_scale: multiplies the cosine similarities (the loss is reported at this scale).
+        batch_size: evaluation batch size.
+        max_length: inputs are truncated to this many tokens.
+    """
+
+    def __init__(
+        self,
+        test_datasets: DictConfig | dict[str, Any],
+        encoder: str,
+        label_prompts: DictConfig | dict[str, Any],
+        tokenizer: str | DictConfig | None = None,
+        logit_scale: float = 20.0,
+        batch_size: int = 64,
+        max_length: int = 128,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        missing = set(test_datasets) - set(label_prompts)
+        if missing:
+            raise ValueError(f"label_prompts has no entry for test task(s) {sorted(missing)}")
+        self._heads: dict[str, Tensor] | None = None
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None or isinstance(self.tokenizer, str):
+            return AutoTokenizer.from_pretrained(self.tokenizer or self.encoder)
+        return instantiate(self.tokenizer)
+
+    def heads(self, tokenizer) -> dict[str, Tensor]:
+        """Class embeddings of every task from the pretrained encoder, computed once."""
+        if self._heads is None:
+            from transformers import AutoModel
+
+            encoder = AutoModel.from_pretrained(self.encoder).eval()
+            self._heads = {
+                task: label_prompt_head(encoder, tokenizer, list(p["classnames"]), list(p["templates"]))
+                for task, p in self.label_prompts.items()
+            }
+        return self._heads
+
+    @torch.no_grad()
+    def evaluate_task(self, model: nn.Module, tokenizer, head: Tensor, task: str, dataset) -> dict[str, float]:
+        correct, loss_sum, n = 0, 0.0, 0
+        device = next(model.parameters()).device
+        for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
+            rows = dataset[start : start + self.batch_size]
+            enc = tokenizer(rows["text"], return_tensors="pt", padding=True, truncation=True,
+                            max_length=self.max_length).to(device)
+            targets = torch.tensor(rows["label"], device=device)
+            logits = prompt_logits(embed(model, enc["input_ids"], enc["attention_mask"]).float(), head,
+                                   self.logit_scale)
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            n += len(targets)
+        if n == 0:
+            raise ValueError(f"test dataset of task {task!r} is empty")
+        return {"accuracy": correct / n, "loss": loss_sum / n}
+
+    def evaluate(self, model: nn.Module, name: str | None = None, **kwargs) -> dict[str, Any]:
+        tokenizer = self.load_tokenizer()
+        heads = self.heads(tokenizer)
+        model = self.fabric.to_device(model).eval()
+        trainable, total = count_parameters(model)
+        report: dict[str, Any] = {"model_info": {"trainable_params": trainable, "all_params": total}}
+        if name is not None:
+            report["model_info"]["name"] = name
+        for task, dataset in self.test_datasets.items():
+            if isinstance(dataset, (dict, DictConfig)):
+                dataset = instantiate(dataset)
+            if hasattr(model, "set_task"):
+                model.set_task(task)
+            report[task] = self.evaluate_task(model, tokenizer, heads[task], task, dataset)
+            log.info(f"{task}: {report[task]}")
+        tasks = [v for k, v in report.items() if k != "model_info"]
+        report["average"] = {key: sum(t[key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")}
+        return report
