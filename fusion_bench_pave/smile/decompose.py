@@ -80,12 +80,12 @@ def smile_tensors(
         else:
             dense.append(dw)
     cast = lambda t: t.to(out_device, out_dtype).contiguous()  # noqa: E731
-    result = {"weight": w0.to(out_dtype).clone(), "router": cast(torch.stack(routers))}
+    result = {"weight": w0.detach().to(out_dtype), "router": cast(torch.stack(routers))}
     if k > 0:
         result |= {"expert_u": cast(torch.stack(us)), "expert_svh": cast(torch.stack(svhs))}
     else:
         result["expert_weight"] = cast(torch.stack(dense))
     if b0 is not None:
-        result["bias"] = b0.to(out_dtype).clone()
+        result["bias"] = b0.detach().to(out_dtype)
         result["expert_bias"] = cast(torch.stack([b.to(dev, base.dtype) - b0.to(dev, base.dtype) for b in bs]))
     return result

@@ -19,7 +19,7 @@ import safetensors.torch
 from torch import nn
 
 from fusion_bench_pave.smile.linear import SmileLinear
-from fusion_bench_pave.smile.upscale import _set_module
+from fusion_bench_pave.smile.upscale import set_module
 
 MANIFEST = "smile.json"
 WEIGHTS = "model.safetensors"
@@ -86,6 +86,6 @@ def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         old = base.get_submodule(name)
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}), base model has {old}")
-        _set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
+        set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
     safetensors.torch.load_model(base, str(path / WEIGHTS), strict=True)
     return base

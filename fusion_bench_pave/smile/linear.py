@@ -72,30 +72,32 @@ class SmileLinear(nn.Module):
         return weights / weights.sum(dim=-1, keepdim=True), selected
 
     def _expert_outputs(self, groups: Tensor) -> Tensor:
-        """Expert i applied to ``groups[i]`` [C, n] for all i at once -> [T, C, m]."""
+        """Expert i (without bias) applied to ``groups[i]`` [C, n] for all i at once -> [T, C, m]."""
         if self.k > 0:
-            out = torch.bmm(torch.bmm(groups, self.expert_svh.transpose(1, 2)), self.expert_u.transpose(1, 2))
-        else:
-            out = torch.bmm(groups, self.expert_weight.transpose(1, 2))
-        return out if self.expert_bias is None else out + self.expert_bias[:, None, :]
+            return torch.bmm(torch.bmm(groups, self.expert_svh.transpose(1, 2)), self.expert_u.transpose(1, 2))
+        return torch.bmm(groups, self.expert_weight.transpose(1, 2))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        shared = F.linear(hidden_states, self.weight, self.bias)
+        out = F.linear(hidden_states, self.weight, self.bias)
         x = hidden_states.reshape(-1, self.in_features)
         weights, selected = self.routing(x)
-        # group the (token, slot) pairs by expert into a zero-padded [T, capacity, n] batch
+        # group the (token, slot) pairs by expert into a [T, capacity, n] batch; padding rows are
+        # never read back, so they may hold garbage
         flat = selected.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
+        capacity = int(counts.max())
         expert_of = flat[order]
-        slot = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
-        groups = x.new_zeros(self.num_experts, int(counts.max()), self.in_features)
-        groups[expert_of, slot] = x[order // self.top_k]
-        picked = self._expert_outputs(groups)[expert_of, slot]
-        per_slot = torch.empty_like(picked)
-        per_slot[order] = picked
-        routed = (per_slot.view(-1, self.top_k, self.out_features) * weights.unsqueeze(-1).to(picked.dtype)).sum(1)
-        return shared + routed.view(*hidden_states.shape[:-1], self.out_features)
+        rows = torch.arange(flat.numel(), device=x.device) + expert_of * capacity - (torch.cumsum(counts, 0) - counts)[expert_of]
+        tokens = order // self.top_k
+        groups = x.new_empty(self.num_experts * capacity, self.in_features)
+        groups.index_copy_(0, rows, x.index_select(0, tokens))
+        outputs = self._expert_outputs(groups.view(self.num_experts, capacity, -1)).view(-1, self.out_features)
+        picked = outputs.index_select(0, rows)
+        if self.expert_bias is not None:
+            picked = picked + self.expert_bias.index_select(0, expert_of)
+        contributions = picked * weights.reshape(-1)[order, None].to(picked.dtype)
+        return out.view(-1, self.out_features).index_add_(0, tokens, contributions).view(out.shape)
 
     def extra_repr(self) -> str:
         return (

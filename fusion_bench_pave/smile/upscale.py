@@ -36,7 +36,8 @@ def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return patterns is None or any(re.fullmatch(p, name) for p in patterns)
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted path) of ``root`` by ``module``."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
@@ -131,7 +132,7 @@ def upscale_model(
             bias=module.bias is not None, device="meta",
         )
         smile.load_state_dict(tensors, assign=True)
-        _set_module(pretrained, name, smile)
+        set_module(pretrained, name, smile)
         report.upscaled.append(name)
     if dtype is not None:
         pretrained.to(dtype)

@@ -42,9 +42,8 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         with safe_open(self._files[name], framework="pt") as f:
             return f.get_tensor(name)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._files[name], framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+    def __contains__(self, name: object) -> bool:  # without loading the tensor (Mapping's default would)
+        return name in self._files
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
