@@ -11,8 +11,8 @@ import pytest
 from conftest import run_fusion_bench
 
 
-def fusion_bench(cwd: Path, *overrides: str, multirun: bool = False) -> None:
-    run_fusion_bench([*(["-m"] if multirun else []), *overrides], cwd=cwd)
+def fusion_bench(cwd: Path, *overrides: str) -> None:
+    run_fusion_bench(list(overrides), cwd=cwd)
 
 
 def report(log_dir: Path) -> dict:
@@ -59,18 +59,3 @@ def test_cli_rho_one_reports_the_same_numbers_as_ties(tmp_path):
         "method.num_samples=16", "method.cache_dir=null", f"path.log_dir={tmp_path / 'pave'}",
     )
     assert report(tmp_path / "pave")["model"] == report(tmp_path / "ties")
-
-
-@pytest.mark.slow
-def test_cli_sweep_collects_covariances_once(tmp_path):
-    fusion_bench(
-        tmp_path, "method=pave_ta", "modelpool=tiny_t5", "taskpool=tiny_t5", "method.num_samples=16",
-        "method.rho=0.8,0.9", f"method.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",  # the preset selects path=per_job: one log dir per job
-        multirun=True,
-    )
-    assert len(os.listdir(tmp_path / "cache")) == 3  # one file per task, shared by both jobs
-    jobs = [report(tmp_path / "sweep" / str(i))["pave"] for i in range(2)]
-    assert [job["rho"] for job in jobs] == [0.8, 0.9]
-    assert jobs[0]["covariance_cache_hits"] == []
-    assert jobs[1]["covariance_cache_hits"] == ["sentiment", "topic", "weather"]
