@@ -16,6 +16,7 @@ from fusion_bench.mixins import LightningFabricMixin
 from fusion_bench.utils import count_parameters, instantiate
 
 from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
+from fusion_bench_pave.taskpool.task_modulation import for_task
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
         for task, dataset in self.test_datasets.items():
             if isinstance(dataset, (dict, DictConfig)):
                 dataset = instantiate(dataset)
-            report[task] = self.evaluate_task(model, tokenizer, task, dataset)
+            report[task] = self.evaluate_task(for_task(model, task), tokenizer, task, dataset)
             log.info(f"{task}: {report[task]}")
         tasks = [v for k, v in report.items() if k != "model_info"]
         report["average"] = {
