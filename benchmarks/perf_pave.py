@@ -1,0 +1,284 @@
+"""PAVE purification speed and peak memory: ours vs the official procedure (benchmarks/official_pave.py).
+
+For each shape setting a reduced model is built in-process with random weights at the real widths
+(BertModel for MiniLM, CLIPVisionModel for ViT-B/32, MistralModel for a Mistral-7B layer), T
+fine-tuned copies are made by seeded perturbation, and each task gets seeded calibration inputs
+giving exactly N token rows. Both procedures run on the same models and rows, each in a fresh
+subprocess (peak RSS = ru_maxrss of that child, so they don't contaminate each other), alternating
+ours/official for every repeat so load on the shared machine hits both alike. The purified Linear
+weights of the first repeat are compared (max over layers and tasks of ||W_ours - W_off||_F / ||W_off||_F).
+
+Both sides use rho = 0.9 (rho*T*R is never an integer here, where the official greedy keeps one
+component fewer than our floor(rho*T*R) budget) and the official per-model rank collapse
+(allocation=per_model). At Mistral width the default purifies k_proj/v_proj only (GQA, 1024 x 4096,
+d_in = 4096): one fp32 inverse of the 14336^2 down_proj covariance, or a full SVD of a 4096-wide
+product, takes minutes on 2 cores; widen with --mistral-modules.
+
+    python benchmarks/perf_pave.py [--quick] [--repeats 3] [--settings minilm vit_b32 mistral_layer]
+Prints a table and writes JSON to --out (default benchmarks/results/perf_pave.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from official_pave import official_pave  # noqa: E402
+
+MISTRAL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "minilm": dict(kind="bert", hidden=384, ffn=1536, heads=12, layers=2, tasks=3, rows=4096, seq=128, batch=8, eps0=0.1),
+    "vit_b32": dict(kind="clip", hidden=768, ffn=3072, heads=12, layers=2, tasks=3, rows=4096, batch=16, eps0=0.1),
+    "mistral_layer": dict(kind="mistral", hidden=4096, ffn=14336, heads=32, kv_heads=8, layers=1, tasks=2, rows=512,
+                          seq=128, batch=2, eps0=0.01, modules=["k_proj", "v_proj"]),
+}
+QUICK = {"minilm": dict(layers=1, tasks=2, rows=1024), "vit_b32": dict(layers=1, tasks=2, rows=1024)}
+RHO = 0.9
+
+
+def build_model(setting: dict, seed: int = 0) -> nn.Module:
+    """A randomly initialised model at the setting's widths (float32, eval mode)."""
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralModel
+
+    torch.manual_seed(seed)
+    kind, d, ffn, heads, layers = (setting[k] for k in ("kind", "hidden", "ffn", "heads", "layers"))
+    if kind == "bert":
+        config = BertConfig(vocab_size=1000, hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
+                            num_hidden_layers=layers, max_position_embeddings=512)
+        return BertModel(config, add_pooling_layer=False).eval()
+    if kind == "clip":
+        config = CLIPVisionConfig(hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
+                                  num_hidden_layers=layers, image_size=224, patch_size=32)
+        return CLIPVisionModel(config).eval()
+    config = MistralConfig(vocab_size=1024, hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
+                           num_key_value_heads=setting["kv_heads"], num_hidden_layers=layers, sliding_window=None)
+    return MistralModel(config).eval()
+
+
+@torch.no_grad()
+def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """A 'fine-tuned' copy: every float parameter plus seeded noise of `scale` times its std."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    for p in clone.parameters():
+        p.add_(torch.randn(p.shape, generator=generator) * scale * (p.std() if p.numel() > 1 else 1))
+    return clone
+
+
+def calibration_batches(setting: dict, seed: int) -> list[dict]:
+    """Seeded model inputs of one task holding at least `rows` token rows."""
+    generator = torch.Generator().manual_seed(seed)
+    if setting["kind"] == "clip":
+        images = -(-setting["rows"] // 50)  # 50 tokens per 224px image at patch 32
+        pixels = torch.randn(images, 3, 224, 224, generator=generator)
+        return [{"pixel_values": p} for p in pixels.split(setting["batch"])]
+    sequences = -(-setting["rows"] // setting["seq"])
+    vocab = 1000 if setting["kind"] == "bert" else 1024
+    ids = torch.randint(3, vocab, (sequences, setting["seq"]), generator=generator)
+    return [{"input_ids": i} for i in ids.split(setting["batch"])]
+
+
+def excluded(setting: dict) -> list[str]:
+    """Linear names (last part) kept unpurified in this setting."""
+    if "modules" not in setting:
+        return []
+    return [name for name in MISTRAL_LINEARS if name not in setting["modules"]]
+
+
+def build(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, list[dict]]]:
+    """(pretrained, {task: fine-tuned}, {task: batches}), all seeded."""
+    pretrained = build_model(setting)
+    tasks = [f"task{i}" for i in range(setting["tasks"])]
+    finetuned = {t: perturbed(pretrained, 100 + i) for i, t in enumerate(tasks)}
+    batches = {t: calibration_batches(setting, 200 + i) for i, t in enumerate(tasks)}
+    return pretrained, finetuned, batches
+
+
+def run_ours(finetuned: dict[str, nn.Module], batches: dict[str, list[dict]], setting: dict, rho: float = RHO
+             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, int]]]:
+    """fusion_bench_pave's path: streaming covariance per task, then PAVE.purify_ (in place).
+    Returns ({task: {layer: purified weight}}, {task: {layer: kept rank}})."""
+    from fusion_bench_pave.pave import PAVE
+    from fusion_bench_pave.pave.covariance import collect_covariance
+
+    algo = PAVE(merger={}, rho=rho, allocation="per_model", eps0=setting["eps0"], num_rows=setting["rows"],
+                exclude_modules=excluded(setting))
+    stats = {
+        task: collect_covariance(model, ((b, None) for b in batches[task]), algo._include, max_rows=setting["rows"])
+        for task, model in finetuned.items()
+    }
+    ranks, _ = algo.purify_(finetuned, stats)
+    weights = {t: {l: m.get_submodule(l).weight.data for l in ranks[t]} for t, m in finetuned.items()}
+    return weights, ranks
+
+
+@torch.no_grad()
+def run_official(pretrained: nn.Module, finetuned: dict[str, nn.Module], batches: dict[str, list[dict]],
+                 setting: dict, rho: float = RHO) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, int]]]:
+    """The official procedure; same return shape as `run_ours` (W_tilde = tau + W_pre)."""
+    exclude = tuple(excluded(setting))
+    vectors, ratios = official_pave(pretrained, finetuned, batches, rho, setting["rows"], setting["eps0"], exclude=exclude)
+    pre = dict(pretrained.named_parameters())
+    layers = [name for name, m in finetuned[next(iter(finetuned))].named_modules()
+              if isinstance(m, nn.Linear) and not name.endswith(exclude)]
+    weights = {t: {l: vectors[t][f"{l}.weight"] + pre[f"{l}.weight"] for l in layers} for t in finetuned}
+    ranks = {t: {l: max(1, round(min(w.shape) * ratios[t])) for l, w in weights[t].items()} for t in finetuned}
+    return weights, ranks
+
+
+# ----------------------------------------------------------------------------- child process
+def child(args: dict) -> dict:
+    """Build, time one procedure, optionally save the purified weights; report time and memory."""
+    import psutil
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(args["threads"])
+    setting = args["setting"]
+    pretrained, finetuned, batches = build(setting)
+    base_rss = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    if args["procedure"] == "ours":
+        weights, ranks = run_ours(finetuned, batches, setting)
+    else:
+        weights, ranks = run_official(pretrained, finetuned, batches, setting)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.get("save"):
+        tensors = {f"{t}/{l}": w.contiguous() for t, ws in weights.items() for l, w in ws.items()}
+        if args["procedure"] == "official":
+            pre = dict(pretrained.named_parameters())
+            tensors |= {f"pre/{l}": pre[f"{l}.weight"].detach().contiguous() for l in weights[next(iter(weights))]}
+        save_file(tensors, args["save"])
+    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "base_rss_mb": base_rss / 2**20, "ranks": ranks}
+
+
+def spawn(procedure: str, setting: dict, save: str | None, threads: int) -> dict:
+    payload = json.dumps({"procedure": procedure, "setting": setting, "save": save, "threads": threads})
+    proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{procedure} child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(ours_path: str, official_path: str) -> dict[str, float]:
+    """Max relative Frobenius differences of purified weights and of task vectors."""
+    from safetensors import safe_open
+
+    worst_w = worst_tau = 0.0
+    with safe_open(ours_path, "pt") as ours, safe_open(official_path, "pt") as off:
+        for key in ours.keys():
+            a, b = ours.get_tensor(key).double(), off.get_tensor(key).double()
+            pre = off.get_tensor(f"pre/{key.split('/', 1)[1]}").double()
+            diff = torch.linalg.norm(a - b)
+            worst_w = max(worst_w, float(diff / torch.linalg.norm(b)))
+            worst_tau = max(worst_tau, float(diff / torch.linalg.norm(b - pre)))
+    return {"max_rel_diff_weights": worst_w, "max_rel_diff_task_vectors": worst_tau}
+
+
+def bench_setting(name: str, setting: dict, repeats: int, threads: int, tmp: str) -> dict:
+    times: dict[str, list[float]] = {"ours": [], "official": []}
+    results: dict[str, dict] = {}
+    paths = {p: os.path.join(tmp, f"{name}_{p}.safetensors") for p in times}
+    for rep in range(repeats):
+        for procedure in times:
+            print(f"[{name}] repeat {rep + 1}/{repeats}: {procedure} ...", flush=True)
+            result = spawn(procedure, setting, paths[procedure] if rep == 0 else None, threads)
+            times[procedure].append(result["seconds"])
+            if rep == 0:
+                results[procedure] = result
+            else:  # peak over repeats
+                results[procedure]["peak_rss_mb"] = max(results[procedure]["peak_rss_mb"], result["peak_rss_mb"])
+    diffs = compare(paths["ours"], paths["official"])
+    for path in paths.values():
+        os.remove(path)
+    ours_t, off_t = statistics.median(times["ours"]), statistics.median(times["official"])
+    row = {
+        "setting": name,
+        "config": setting,
+        "ours_s": ours_t,
+        "official_s": off_t,
+        "speedup": off_t / ours_t,
+        "ratio_per_repeat": [o / u for u, o in zip(times["ours"], times["official"])],
+        **diffs,
+        "ranks_equal": results["ours"]["ranks"] == results["official"]["ranks"],
+        "ours_peak_rss_mb": results["ours"]["peak_rss_mb"],
+        "official_peak_rss_mb": results["official"]["peak_rss_mb"],
+        "ours_extra_rss_mb": results["ours"]["peak_rss_mb"] - results["ours"]["base_rss_mb"],
+        "official_extra_rss_mb": results["official"]["peak_rss_mb"] - results["official"]["base_rss_mb"],
+        "times": times,
+    }
+    print(json.dumps({k: v for k, v in row.items() if k not in ("config", "times")}), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("setting", "ours s", "official s", "speed-up", "max rel dW", "max rel dtau", "ranks eq",
+            "ours peak MB (+extra)", "official peak MB (+extra)")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join([
+            r["setting"], f"{r['ours_s']:.2f}", f"{r['official_s']:.2f}", f"{r['speedup']:.2f}x",
+            f"{r['max_rel_diff_weights']:.1e}", f"{r['max_rel_diff_task_vectors']:.1e}", str(r["ranks_equal"]),
+            f"{r['ours_peak_rss_mb']:.0f} (+{r['ours_extra_rss_mb']:.0f})",
+            f"{r['official_peak_rss_mb']:.0f} (+{r['official_extra_rss_mb']:.0f})",
+        ]))
+    return "\n".join(lines)
+
+
+def iter_settings(names: list[str], quick: bool, mistral_modules: list[str] | None) -> Iterator[tuple[str, dict]]:
+    for name in names:
+        setting = dict(SETTINGS[name])
+        if quick:
+            if name not in QUICK:
+                continue
+            setting |= QUICK[name]
+        if name == "mistral_layer" and mistral_modules:
+            setting["modules"] = mistral_modules
+        yield name, setting
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (small MiniLM/ViT, no Mistral)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per procedure (Mistral: 1)")
+    parser.add_argument("--mistral-modules", nargs="+", choices=MISTRAL_LINEARS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "perf_pave.json"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, setting in iter_settings(args.settings, args.quick, args.mistral_modules):
+            repeats = 1 if args.quick or name == "mistral_layer" else args.repeats
+            rows.append(bench_setting(name, setting, repeats, args.threads, tmp))
+    print(table(rows))
+    out = {"quick": args.quick, "threads": args.threads, "rho": RHO, "torch": torch.__version__,
+           "load_avg_1m_at_end": os.getloadavg()[0], "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The benchmark baseline (benchmarks/official_pave.py, the official two-pass inverse-form procedure
+on stored activations) and our PAVE path give the same purified weights on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import perf_pave  # noqa: E402
+from official_pave import doubling_inverse, greedy_trim  # noqa: E402
+
+TINY = {
+    "bert": dict(kind="bert", hidden=32, ffn=64, heads=2, layers=2, tasks=3, rows=256, seq=16, batch=4, eps0=0.1),
+    "clip": dict(kind="clip", hidden=32, ffn=64, heads=2, layers=1, tasks=2, rows=200, batch=2, eps0=0.1),
+    "mistral": dict(kind="mistral", hidden=64, ffn=128, heads=4, kv_heads=2, layers=1, tasks=2, rows=128, seq=16,
+                    batch=2, eps0=0.01, modules=["k_proj", "v_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_official_procedure_and_ours_give_the_same_purified_weights(kind):
+    setting = TINY[kind]
+    pretrained, finetuned, batches = perf_pave.build(setting)
+    official, official_ranks = perf_pave.run_official(pretrained, copy.deepcopy(finetuned), batches, setting)
+    ours, ranks = perf_pave.run_ours(finetuned, batches, setting)
+    assert ranks == official_ranks
+    kept = [r for by_layer in ranks.values() for r in by_layer.values()]
+    full = [min(w.shape) for by_layer in ours.values() for w in by_layer.values()]
+    assert sum(kept) < 0.95 * sum(full)  # something was actually pruned
+    if kind == "mistral":
+        assert set(ours["task0"]) == {"layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj", "layers.0.mlp.down_proj"}
+    for task in ours:
+        for layer, weight in ours[task].items():
+            reference = official[task][layer]
+            assert torch.linalg.norm(weight - reference) / torch.linalg.norm(reference) <= 1e-4, (task, layer)
+        pruned = [l for l in ours[task] if ranks[task][l] < min(ours[task][l].shape)]
+        original = perf_pave.build(setting)[1][task]
+        assert any(not torch.allclose(ours[task][l], original.get_submodule(l).weight, atol=1e-4) for l in pruned)
+
+
+def test_baseline_doubling_and_greedy_follow_the_official_rules():
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    cov = x.T @ x / 6
+    reg, inv, eps = doubling_inverse(cov, eps0=1e-6)
+    assert torch.linalg.norm(inv @ reg - torch.eye(16)) < 5e-2
+    half = cov + eps / 2 * torch.eye(16)
+    assert torch.linalg.norm(torch.inverse(half) @ half - torch.eye(16)) >= 5e-2
+    spectra = {"a": torch.tensor([1.0, 0.5, 0.1, 0.05]), "b": torch.tensor([1.0, 0.3, 0.2, 0.01])}
+    # drop while kept/8 >= 0.7: b's 0.01, a's 0.05, a's 0.1 (0.1 < b's 0.2); 5/8 < 0.7 stops
+    assert greedy_trim(spectra, 4, 0.7) == {"a": 2, "b": 3}
