@@ -54,13 +54,18 @@ class SentenceEncoderTaskPool(LightningFabricMixin, BaseTaskPool):
         if missing:
             raise ValueError(f"label_prompts has no entry for test task(s) {sorted(missing)}")
         self._heads: dict[str, Tensor] | None = None
+        self._tokenizer = None
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
+        """The tokenizer, loaded once."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        if self.tokenizer is None or isinstance(self.tokenizer, str):
-            return AutoTokenizer.from_pretrained(self.tokenizer or self.encoder)
-        return instantiate(self.tokenizer)
+            if self.tokenizer is None or isinstance(self.tokenizer, str):
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.encoder)
+            else:
+                self._tokenizer = instantiate(self.tokenizer)
+        return self._tokenizer
 
     def heads(self, tokenizer) -> dict[str, Tensor]:
         """Class embeddings of every task from the pretrained encoder, computed once."""
@@ -78,8 +83,11 @@ class SentenceEncoderTaskPool(LightningFabricMixin, BaseTaskPool):
     def evaluate_task(self, model: nn.Module, tokenizer, head: Tensor, task: str, dataset) -> dict[str, float]:
         correct, loss_sum, n = 0, 0.0, 0
         device = next(model.parameters()).device
+        # batches of similar length pad less; accuracy and mean loss do not depend on the order
+        lengths = [len(text) for text in dataset["text"]]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
         for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
-            rows = dataset[start : start + self.batch_size]
+            rows = dataset[order[start : start + self.batch_size]]
             enc = tokenizer(rows["text"], return_tensors="pt", padding=True, truncation=True,
                             max_length=self.max_length).to(device)
             targets = torch.tensor(rows["label"], device=device)

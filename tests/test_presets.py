@@ -1,0 +1,96 @@
+"""Paper presets (``+preset=...``) compose to the papers' hub setups and settings. Composing never
+instantiates anything, so these run offline; running a preset needs the hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import compose_fusion_bench, run_fusion_bench
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "fusion_bench_pave" / "config" / "preset"
+
+# preset -> (method _target_, pretrained model, number of fine-tuned models, taskpool, method settings)
+PRESETS = {
+    "pave_emr_clip-vit-b32_ta8": (
+        "fusion_bench_pave.pave.PAVE", "openai/clip-vit-base-patch32", 8, "clip-vit-classification_TA8",
+        {"rho": 63 / 64, "num_rows": 4096, "seed": 44, "merger._target_": "fusion_bench.method.emr_merging.EMRMerging"},
+    ),
+    "pave_emr_clip-vit-l14_ta8": (
+        "fusion_bench_pave.pave.PAVE", "openai/clip-vit-large-patch14", 8, "clip-vit-classification_TA8_L14",
+        {"rho": 63 / 64, "num_rows": 1024, "seed": 44},
+    ),
+    "smile_clip-vit-b32_ta8": (
+        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "openai/clip-vit-base-patch32", 8,
+        "clip-vit-classification_TA8", {"gate_k": 16, "k": 32, "top_k": 1},
+    ),
+    "smile_clip-vit-l14_ta8": (
+        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "openai/clip-vit-large-patch14", 8,
+        "clip-vit-classification_TA8_L14", {"gate_k": 16, "k": 32, "top_k": 1},
+    ),
+    "smile_flan-t5-base_glue": (
+        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "google/flan-t5-base", 8,
+        "flan-t5_glue_text_generation", {"gate_k": 4, "k": 16, "top_k": 1},
+    ),
+    "smile_flan-t5-base_glue_lora16": (
+        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "google/flan-t5-base", 8,
+        "flan-t5_glue_text_generation", {"gate_k": 2, "k": 4, "top_k": 1},
+    ),
+    "smile_mistral-7b_m0_123": (
+        "fusion_bench_pave.smile.algorithm.SmileMistralUpscalingAlgorithm", "mistralai/Mistral-7B-v0.1", 3,
+        "lm_eval", {"rank_of_router": 8, "rank_of_expert": 512, "num_experts_per_tok": 1},
+    ),
+}
+
+
+def _pretrained(models) -> str:
+    entry = models["_pretrained_"]
+    return entry if isinstance(entry, str) else entry.pretrained_model_name_or_path
+
+
+def test_every_preset_file_is_covered():
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_composes_to_the_papers_setup(preset):
+    target, pretrained, num_models, taskpool, settings = PRESETS[preset]
+    cfg = compose_fusion_bench([f"+preset={preset}"])
+    assert cfg.method._target_ == target
+    assert _pretrained(cfg.modelpool.models) == pretrained
+    assert len([m for m in cfg.modelpool.models if m != "_pretrained_"]) == num_models
+    for key, value in settings.items():
+        node = cfg.method
+        for part in key.split("."):
+            node = node[part]
+        assert node == pytest.approx(value) if isinstance(value, float) else node == value, key
+    if taskpool.startswith("clip"):  # zero-shot heads from the same CLIP as the pretrained model
+        assert cfg.taskpool.clip_model == pretrained and len(cfg.taskpool.test_datasets) == 8
+    elif taskpool.startswith("flan"):
+        assert cfg.taskpool.tokenizer == pretrained and len(cfg.taskpool.tasks) == 8
+    else:
+        assert list(cfg.taskpool.tasks) == ["gsm8k"]
+    header = (PRESET_DIR / f"{preset}.yaml").read_text()
+    assert f"override /taskpool: " in header and taskpool in header
+    assert f"fusion_bench +preset={preset}" in header  # the usage line names the preset itself
+
+
+def test_presets_leave_other_settings_overridable():
+    cfg = compose_fusion_bench(["+preset=smile_clip-vit-b32_ta8", "method.k=64"])
+    assert cfg.method.k == 64 and cfg.method.gate_k == 16
+
+
+def test_flan_t5_presets_use_the_repaired_seq2seq_pool():
+    for preset in ("smile_flan-t5-base_glue", "smile_flan-t5-base_glue_lora16"):
+        assert compose_fusion_bench([f"+preset={preset}"]).modelpool._target_ == "fusion_bench_pave.modelpool.Seq2SeqLMPool"
+
+
+@pytest.mark.slow
+def test_cli_prints_the_composed_preset(tmp_path):
+    proc = run_fusion_bench(["--cfg", "job", "+preset=pave_emr_clip-vit-b32_ta8"], cwd=tmp_path, timeout=300)
+    job = yaml.safe_load(proc.stdout)
+    assert job["method"]["_target_"] == "fusion_bench_pave.pave.PAVE"
+    assert job["method"]["num_rows"] == 4096 and job["method"]["seed"] == 44
+    assert job["modelpool"]["models"]["sun397"] == "tanganke/clip-vit-base-patch32_sun397"
