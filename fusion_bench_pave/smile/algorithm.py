@@ -124,7 +124,7 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
         accelerator: str | None = None,
         model_path: str | None = None,
         overwrite: bool = False,
-        max_shard_gb: float = 5.0,
+        max_shard_gb: float = 2.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)

@@ -55,7 +55,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
 class ShardWriter:
     """Write tensors to ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ~``max_shard_bytes``."""
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 2**30) -> None:
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
         self._buffer: dict[str, torch.Tensor] = {}
         self._bytes = 0

@@ -138,7 +138,7 @@ def upscale_causal_lm_checkpoint(
     model_dtype: torch.dtype | None = None,
     svd_method: SvdMethod = "auto",
     compute_device: torch.device | str | None = None,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
