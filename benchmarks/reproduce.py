@@ -1,0 +1,239 @@
+"""Measure pretrained, individual, simple average, TA, TIES, DARE-TIES and EMR, each with and
+without PAVE, and SMILE over a (gate_k, k) grid, on a real offline zoo.
+
+Every model is built the way ``fusion_bench`` builds it: the configs are composed from the
+installed yaml (``method=... modelpool=zoo_<zoo> taskpool=zoo_<zoo>``) and instantiated, then
+``method.run(modelpool)`` and ``taskpool.evaluate(model)``, as FusionBench's program does.
+Hyperparameters (lambda, rho) are chosen on the validation task pool; each chosen model is then
+evaluated once on the test task pool. Writes ``results.json``, ``results.md`` and
+``accuracy_vs_params.png`` into ``--out``.
+
+    python -m fusion_bench_pave.zoo.install text
+    python benchmarks/reproduce.py --zoo minilm --out benchmarks/results/minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import write_outputs  # noqa: E402
+
+ZOOS = {"minilm": {"modelpool": "zoo_minilm", "test": "zoo_minilm", "val": "zoo_minilm_val"}}
+
+# (row name, fusion_bench method, PAVE counterpart or None, tuned merger keys)
+# in order of priority: a run cut short still has the most informative rows
+BASELINES = [
+    ("TIES-Merging", "ties_merging", "pave_ties", True),
+    ("Task Arithmetic", "task_arithmetic", "pave_ta", True),
+    ("SMILE", "smile_upscaling", None, False),  # its (gate_k, k) grid: every point is reported
+    ("EMR-Merging", "emr_merging/emr_merging", "pave_emr", False),
+    ("DARE-TIES", "dare/ties_merging", "pave_dare_ties", True),
+    ("Simple average", "simple_average", None, False),
+]
+
+
+def compose(overrides: list[str]):
+    """FusionBench's main config composed as its CLI composes it (our plugin on the search path)."""
+    import fusion_bench_pave  # noqa: F401  (registers the resolvers and the compat shim)
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fusion_bench.utils.hydra_utils import get_default_config_path
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
+        return hydra_compose("fabric_model_fusion", overrides=overrides)
+
+
+def instantiate(config):
+    """Instantiate a pool/method config as FusionBench's program does (non-recursive by default)."""
+    from fusion_bench.utils import instantiate as fb_instantiate
+
+    return fb_instantiate(config, _recursive_=config.get("_recursive_", False))
+
+
+class Bench:
+    """Builds models and task pools of one zoo from the installed yaml."""
+
+    def __init__(self, zoo: str, cache_dir: Path, val_rows: int | None, test_rows: int | None):
+        names = ZOOS[zoo]
+        self.names, self.cache_dir = names, cache_dir
+        self.rows = {"val": val_rows, "test": test_rows}
+        self.taskpools: dict[str, Any] = {}
+
+    def taskpool(self, split: str, tasks: list[str] | None = None):
+        """The val/test task pool, optionally restricted to some tasks and to the first N rows."""
+        key = (split, tuple(tasks or ()))
+        if key not in self.taskpools:
+            cfg = compose([f"taskpool={self.names[split]}"]).taskpool
+            pool = instantiate(cfg)
+            datasets = {t: instantiate(d) for t, d in cfg.test_datasets.items() if not tasks or t in tasks}
+            if self.rows[split]:
+                datasets = {t: d.select(range(min(len(d), self.rows[split]))) for t, d in datasets.items()}
+            pool.test_datasets = datasets
+            if self.taskpools:  # share the heads: they depend only on the pretrained encoder
+                pool._heads = next(iter(self.taskpools.values()))._heads
+            self.taskpools[key] = pool
+        return self.taskpools[key]
+
+    def evaluate(self, model, split: str, tasks: list[str] | None = None) -> dict:
+        start = time.perf_counter()
+        report = self.taskpool(split, tasks).evaluate(model)
+        report["eval_seconds"] = time.perf_counter() - start
+        return report
+
+    def merge(self, method: str, overrides: list[str]) -> tuple[Any, dict, float]:
+        """(model, extras, seconds) of ``fusion_bench method=<method> <overrides>`` on the zoo's pool."""
+        pave = method.startswith("pave_")
+        extra = [f"method.cache_dir={self.cache_dir / 'pave_covariance'}"] if pave else []
+        cfg = compose([f"method={method}", f"modelpool={self.names['modelpool']}", *overrides, *extra])
+        modelpool, algorithm = instantiate(cfg.modelpool), instantiate(cfg.method)
+        start = time.perf_counter()
+        out = algorithm.run(modelpool)
+        seconds = time.perf_counter() - start
+        if isinstance(out, dict):
+            return out["model"], {k: v for k, v in out.items() if k != "model"}, seconds
+        return out, {}, seconds
+
+    def model_names(self) -> list[str]:
+        return list(instantiate(compose([f"modelpool={self.names['modelpool']}"]).modelpool).model_names)
+
+    def load(self, name: str):
+        pool = instantiate(compose([f"modelpool={self.names['modelpool']}"]).modelpool)
+        return pool.load_model(name)
+
+
+def tune(bench: Bench, method: str, grid: list[list[str]]) -> dict:
+    """Merge with every override set of ``grid``, keep the best on validation, test it once
+    (a single-entry grid is tested directly)."""
+    best: dict | None = None
+    trials = []
+    for overrides in grid:
+        model, extras, seconds = bench.merge(method, overrides)
+        trial = {"overrides": overrides, "merge_seconds": seconds}
+        if len(grid) > 1:
+            trial["val_accuracy"] = bench.evaluate(model, "val")["average"]["accuracy"]
+            logging.info(f"{method} {overrides}: val {trial['val_accuracy']:.4f} ({seconds:.1f}s merge)")
+        trials.append(trial)
+        if best is None or trial["val_accuracy"] > best["trial"]["val_accuracy"]:
+            best = {"trial": trial, "model": model, "extras": extras}
+    test = bench.evaluate(best["model"], "test")
+    kept = best["extras"].get("pave", {}).get("kept_ratio")
+    return {
+        "method": method, "chosen": best["trial"]["overrides"], "val_accuracy": best["trial"].get("val_accuracy"),
+        "test": test, "merge_seconds": best["trial"]["merge_seconds"], "trials": trials,
+        **({"pave_kept_ratio": kept} if kept else {}),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.zoo, out, args.val_rows, args.test_rows)
+    rows: list[dict] = []
+
+    start = time.perf_counter()
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        write_outputs({"zoo": args.zoo, "args": vars(args), "rows": rows, "tasks": tasks,
+                       "total_seconds": time.perf_counter() - start}, out)
+        logging.info(f"{row['name']}: test {row['test']['average']['accuracy']:.4f}")
+
+    tasks = bench.model_names()
+    pretrained = bench.load("_pretrained_")
+    record({"name": "Pretrained (zero-shot)", "method": "pretrained", "test": bench.evaluate(pretrained, "test")})
+
+    per_task, params = {}, None
+    for task in tasks:
+        report = bench.evaluate(bench.load(task), "test", [task])
+        per_task[task] = report[task]
+        params = report["model_info"]["all_params"]
+    mean = {k: sum(r[k] for r in per_task.values()) / len(per_task) for k in ("accuracy", "loss")}
+    record({"name": "Individual (each on its own task)", "method": "individual",
+            "test": {**per_task, "average": mean, "model_info": {"all_params": params}}})
+
+    # PAVE keeps the base method's lambda (chosen on validation) and chooses rho on validation
+    # (--rhos), or keeps its yaml's rho (the paper's value) if --rhos is not given; calibration
+    # inputs are truncated like the zoo's training and evaluation inputs
+    rhos = [f"method.rho={x}" for x in args.rhos] if args.rhos else [None]
+    calibration = [f"method.max_length={args.max_length}", f"method.num_samples={args.num_samples}"]
+    def attempt(name: str, step) -> dict | None:
+        """Run one row; a failure is recorded (and reported) instead of ending the run."""
+        try:
+            return step()
+        except Exception as error:  # noqa: BLE001 - one broken method must not hide the others
+            logging.exception(f"{name} failed")
+            rows.append({"name": name, "error": f"{type(error).__name__}: {error}"})
+            return None
+
+    def smile(gate_k: int, k: int) -> dict:
+        model, _, seconds = bench.merge("smile_upscaling", [f"method.gate_k={gate_k}", f"method.k={k}"])
+        return {"name": f"SMILE (gate_k={gate_k}, k={k})", "method": "smile_upscaling",
+                "chosen": {"gate_k": gate_k, "k": k}, "merge_seconds": seconds, "test": bench.evaluate(model, "test")}
+
+    for name, method, pave, tuned in BASELINES:
+        if args.only and method not in args.only and (pave or "") not in args.only:
+            continue
+        if method == "smile_upscaling":
+            for gate_k, k in itertools.product(args.gate_k, args.k):
+                if (row := attempt(f"SMILE (gate_k={gate_k}, k={k})", lambda: smile(gate_k, k))) is not None:
+                    record(row)
+            continue
+        grid = [[f"method.scaling_factor={x}"] for x in args.lambdas] if tuned else [[]]
+        result = attempt(name, lambda: tune(bench, method, grid))
+        if result is None:
+            continue
+        record({"name": name, **result})
+        if pave is None:
+            continue
+        merger = [o.replace("method.", "method.merger.", 1) for o in result["chosen"]]
+        pave_grid = [[*merger, *([r] if r else []), *calibration] for r in rhos]
+        if (pave_result := attempt(f"PAVE + {name}", lambda: tune(bench, pave, pave_grid))) is not None:
+            record({"name": f"PAVE + {name}", **pave_result})
+
+    result = {"zoo": args.zoo, "args": vars(args), "rows": rows,
+              "total_seconds": time.perf_counter() - start, "tasks": tasks}
+    write_outputs(result, out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", choices=sorted(ZOOS), default="minilm")
+    parser.add_argument("--out", default=None, help="output directory (default benchmarks/results/<zoo>)")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 0.6, 1.0])
+    parser.add_argument("--rhos", type=float, nargs="+", default=None,
+                        help="PAVE rho grid chosen on validation (default: each method yaml's paper rho)")
+    parser.add_argument("--max-length", type=int, default=64, help="PAVE calibration truncation")
+    parser.add_argument("--num-samples", type=int, default=128, help="PAVE calibration samples per task")
+    parser.add_argument("--gate-k", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--val-rows", type=int, default=None, help="first N validation rows per task")
+    parser.add_argument("--test-rows", type=int, default=None, help="first N test rows per task")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these fusion_bench methods")
+    args = parser.parse_args(argv)
+    args.out = args.out or str(Path(__file__).resolve().parent / "results" / args.zoo)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = run(args)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"total {result['total_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
