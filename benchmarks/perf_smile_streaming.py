@@ -3,7 +3,7 @@
 Streaming (default): for each depth, writes a Mistral-7B-width checkpoint (hidden 4096,
 intermediate 14336, 32 heads / 8 KV heads, small vocab) plus T fine-tuned copies as bf16
 safetensors shards (one shard per layer) into a temp dir, then runs
-``upscale_causal_lm_checkpoint`` in a fresh subprocess and records its peak RSS (ru_maxrss).
+``upscale_causal_lm_checkpoint`` in a fresh subprocess and records its peak RSS (VmHWM).
 Flat peak RSS across depths means a 32-layer Mistral-7B needs no more memory than one layer.
 
 Speed (``--speed``): upscaling time and forward time of our SMILE vs FusionBench's
@@ -30,7 +30,7 @@ import torch
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 1024
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 import fusion_bench_pave.smile.causal_lm
 from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm_checkpoint
@@ -39,7 +39,9 @@ torch.set_num_threads(args["threads"])
 start = time.perf_counter()
 upscale_causal_lm_checkpoint(args["base"], args["experts"], args["out"], rank_of_router=args["rank_of_router"],
     rank_of_expert=args["rank_of_expert"], max_shard_bytes=args["max_shard_bytes"], progress=False)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process image's own high-water mark (ru_maxrss would include the forked parent's RSS)
+hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": hwm_kb / 1024}))
 """
 
 
