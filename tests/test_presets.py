@@ -50,8 +50,23 @@ def _pretrained(models) -> str:
     return entry if isinstance(entry, str) else entry.pretrained_model_name_or_path
 
 
+# presets over this package's offline zoos (composing must not resolve ${fbp_zoo:...}: that builds)
+ZOO_PRESETS = {"pave_ties_zoo_minilm": ("fusion_bench_pave.pave.PAVE", "zoo_minilm")}
+
+
 def test_every_preset_file_is_covered():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESETS)
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS])
+
+
+def test_zoo_demo_preset_composes_without_building_the_zoo(tiny_cache):
+    cfg = compose_fusion_bench(["+preset=pave_ties_zoo_minilm"])
+    assert cfg.method._target_ == "fusion_bench_pave.pave.PAVE"
+    assert cfg.method.merger._target_ == "fusion_bench.method.TiesMergingAlgorithm"
+    assert cfg.method.merger.scaling_factor == 0.3 and cfg.method.max_length == 64
+    assert cfg.method.rho == 63 / 64
+    assert cfg.modelpool._target_ == "fusion_bench.modelpool.SequenceClassificationModelPool"
+    assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.SentenceEncoderTaskPool"
+    assert not (tiny_cache / "zoo").exists()
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
