@@ -150,3 +150,17 @@ def test_algorithm_streams_from_causal_lm_pool_and_caches(tmp_path, mistral_fami
     assert torch.equal(logits(streamed), logits(in_memory))
     cached = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE).run(CausalLMPool(models, tokenizer=None))
     assert torch.equal(logits(cached), logits(streamed))
+
+
+def test_hub_ids_resolve_to_snapshots_and_stream(tmp_path, mistral_family, monkeypatch):
+    from fusion_bench_pave.smile import algorithm
+
+    _, _, root = mistral_family
+    snapshots = {"org/base": root / "base", "org/ft0": root / "ft0", "org/ft1": root / "ft1"}
+    monkeypatch.setattr(algorithm, "snapshot_download", lambda repo_id, allow_patterns: str(snapshots[repo_id]))
+    streamed = []
+    real = algorithm.upscale_causal_lm_checkpoint
+    monkeypatch.setattr(algorithm, "upscale_causal_lm_checkpoint", lambda *a, **kw: streamed.append(a) or real(*a, **kw))
+    pool = CausalLMPool({"_pretrained_": "org/base", "ft0": "org/ft0", "ft1": "org/ft1"}, tokenizer=None)
+    model = SmileMistralUpscalingAlgorithm(**SMILE).run(pool)
+    assert streamed and streamed[0][0] == root / "base" and model.config.num_local_experts == 2

@@ -12,6 +12,7 @@ from fusion_bench import BaseAlgorithm
 from fusion_bench.mixins import auto_register_config
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.dtype import parse_dtype
+from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -90,14 +91,24 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
         return model
 
 
-def local_safetensors_dir(modelpool: BaseModelPool, name: str) -> Path | None:
-    """The pool entry's local checkpoint directory if it holds safetensors weights, else None."""
+def safetensors_checkpoint_dir(modelpool: BaseModelPool, name: str) -> Path | None:
+    """Local directory with the pool entry's safetensors weights, or None if it has none.
+
+    A hub id is resolved to its snapshot in the Hugging Face cache (downloading weights, configs
+    and tokenizer files if needed, as ``from_pretrained`` would), so hub models stream too.
+    """
     try:
         path = modelpool.get_model_path(name)
     except (ValueError, RuntimeError, KeyError):
         return None
-    if not isinstance(path, (str, Path)) or not Path(path).is_dir():
+    if not isinstance(path, (str, Path)):
         return None
+    if not Path(path).is_dir():
+        try:
+            path = snapshot_download(str(path), allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"])
+        except Exception as error:  # not a hub id, offline without a cached copy, gated, ...
+            log.warning("cannot resolve %s (%s) to a safetensors checkpoint: %s", name, path, error)
+            return None
     return Path(path) if any(Path(path).glob("*.safetensors")) else None
 
 
@@ -105,8 +116,8 @@ def local_safetensors_dir(modelpool: BaseModelPool, name: str) -> Path | None:
 class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
     """SMILE-upscale a Mistral / Llama / Qwen2 causal LM into a ``Smile*ForCausalLM``.
 
-    When every pool entry is a local safetensors directory the checkpoints are streamed tensor by
-    tensor (peak memory independent of depth) into ``model_path`` (or a temporary directory),
+    When every pool entry is a safetensors checkpoint (local directory or hub id) they are streamed
+    tensor by tensor (peak memory independent of depth) into ``model_path`` (or a temporary directory),
     which is then loaded with ``AutoModelForCausalLM``; otherwise the loaded models are upscaled in
     memory. Names follow FusionBench's ``SmileMistralUpscalingAlgorithm``: ``num_experts_per_tok``,
     ``rank_of_router``, ``rank_of_expert`` (<= 0: dense experts), ``model_dtype``, ``device``,
@@ -142,7 +153,7 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
             rank_of_expert=self.rank_of_expert, model_dtype=parse_dtype(self.model_dtype),
             svd_method=self.svd_method, compute_device=resolve_device(self.accelerator),
         )
-        dirs = [local_safetensors_dir(modelpool, n) for n in ["_pretrained_", *modelpool.model_names]]
+        dirs = [safetensors_checkpoint_dir(modelpool, n) for n in ["_pretrained_", *modelpool.model_names]]
         if all(dirs):
             with tempfile.TemporaryDirectory() as scratch:
                 out = self.model_path or Path(scratch) / "smile"
@@ -150,7 +161,7 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
                     dirs[0], dirs[1:], out, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite, **smile
                 )
                 return AutoModelForCausalLM.from_pretrained(out).to(device).eval()
-        log.info("pool entries are not all local safetensors directories; upscaling in memory")
+        log.info("pool entries are not all safetensors checkpoints; upscaling in memory")
         model = upscale_causal_lm(modelpool.load_pretrained_model().to(device), [m.to(device) for m in modelpool.models()], **smile)
         if self.model_path is not None:
             with atomic_output_dir(self.model_path, self.overwrite) as tmp:
