@@ -36,7 +36,7 @@ from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covarianc
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_singular_values, context_svd, project_weight
 from fusion_bench_pave.pave.rank_allocation import allocate_ranks, normalized_spectrum
-from fusion_bench_pave.pave.regularize import regularize_doubling, regularize_relative
+from fusion_bench_pave.pave.regularize import add_identity, regularize_doubling, regularize_relative
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +224,11 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         return self._preprocessor_object
 
     # --------------------------------------------------------- purification
-    def _regularize(self, cov: Tensor) -> Tensor:
+    def _regularize(self, cov: Tensor) -> tuple[Tensor, float]:
         if self.regularization == "doubling":
-            return regularize_doubling(cov, self.eps0, self.eps_tol)[0]
+            return regularize_doubling(cov, self.eps0, self.eps_tol)
         if self.regularization == "relative":
-            return regularize_relative(cov, self.relative_alpha)[0]
+            return regularize_relative(cov, self.relative_alpha)
         raise ValueError(f"regularization must be 'doubling' or 'relative', got {self.regularization!r}")
 
     @torch.no_grad()
@@ -236,34 +236,55 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats]
     ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         """Replace every hooked Linear weight of every model by its purified version, in place.
-        Returns the kept ranks {task: {layer: r}} and full ranks {layer: R}."""
+        Returns the kept ranks {task: {layer: r}} and full ranks {layer: R}.
+
+        per_layer/uniform ranks depend on one layer's spectra only, so each layer takes one pass:
+        one SVD per model, allocate, project. per_model needs every layer's spectrum first: a
+        singular-values pass, then an SVD pass for the pruned layers. Only eps is kept per input
+        (C_eps is rebuilt, bit-identical), so one covariance at a time is regularised in memory."""
         tasks = list(finetuned)
         modules = [dict(m.named_modules()) for m in finetuned.values()]
         layers = [l for l in stats[tasks[0]].layers if all(l in stats[t].input_of for t in tasks)]
-        regularized: dict[tuple[str, str], Tensor] = {}
+        eps: dict[tuple[str, str], float] = {}
 
         def cov_eps(task: str, layer: str) -> Tensor:
             key = (task, stats[task].input_of[layer])
-            if key not in regularized:
-                regularized[key] = self._regularize(stats[task].covariance(layer))
-            return regularized[key]
+            cov = stats[task].covariance(layer)
+            if key in eps:
+                return add_identity(cov, eps[key])
+            regularized, eps[key] = self._regularize(cov)
+            return regularized
 
-        spectra = {}
-        for layer in tqdm(layers, desc="PAVE spectra", disable=not self.fabric.is_global_zero):
-            spectra[layer] = [
-                normalized_spectrum(context_singular_values(mods[layer].weight, cov_eps(t, layer)))
-                for t, mods in zip(tasks, modules)
-            ]
-        allocated = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)
-        full_ranks = {layer: len(s[0]) for layer, s in spectra.items()}
-        for layer in tqdm(layers, desc="PAVE purify", disable=not self.fabric.is_global_zero):
-            for i, (task, mods) in enumerate(zip(tasks, modules)):
-                rank = allocated[layer][i]
-                if rank >= full_ranks[layer]:
-                    continue
-                weight = mods[layer].weight
-                u, _ = context_svd(weight, cov_eps(task, layer))
-                weight.data = project_weight(weight.data, u, rank)
+        def project(layer: str, task_index: int, u: Tensor, rank: int) -> None:
+            weight = modules[task_index][layer].weight
+            weight.data = project_weight(weight.data, u, rank)
+
+        show = self.fabric.is_global_zero
+        allocated: dict[str, list[int]] = {}
+        full_ranks: dict[str, int] = {}
+        if self.allocation == "per_model":
+            spectra = {}
+            for layer in tqdm(layers, desc="PAVE spectra", disable=not show):
+                spectra[layer] = [
+                    normalized_spectrum(context_singular_values(mods[layer].weight, cov_eps(t, layer)))
+                    for t, mods in zip(tasks, modules)
+                ]
+                full_ranks[layer] = len(spectra[layer][0])
+            allocated = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)
+            for layer in tqdm(layers, desc="PAVE purify", disable=not show):
+                for i, (task, mods) in enumerate(zip(tasks, modules)):
+                    if allocated[layer][i] < full_ranks[layer]:
+                        u, _ = context_svd(mods[layer].weight, cov_eps(task, layer))
+                        project(layer, i, u, allocated[layer][i])
+        else:
+            for layer in tqdm(layers, desc="PAVE purify", disable=not show):
+                svds = [context_svd(mods[layer].weight, cov_eps(t, layer)) for t, mods in zip(tasks, modules)]
+                spectra = {layer: [normalized_spectrum(s) for _, s in svds]}
+                allocated[layer] = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)[layer]
+                full_ranks[layer] = len(svds[0][1])
+                for i, (u, _) in enumerate(svds):
+                    if allocated[layer][i] < full_ranks[layer]:
+                        project(layer, i, u, allocated[layer][i])
         ranks = {t: {layer: allocated[layer][i] for layer in layers} for i, t in enumerate(tasks)}
         return ranks, full_ranks
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 
-def _add_eye(cov: Tensor, eps: float) -> Tensor:
+def add_identity(cov: Tensor, eps: float) -> Tensor:
+    """C + eps * I (the same bits every call, so C_eps can be rebuilt from C and eps instead of kept)."""
     return cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
 
 
@@ -26,7 +27,7 @@ def regularize_doubling(
     eye = torch.eye(cov.shape[0], dtype=check_dtype, device=cov.device)
     eps = eps0
     for _ in range(max_doublings):
-        reg = _add_eye(cov, eps)
+        reg = add_identity(cov, eps)
         low = reg.to(check_dtype)
         inv = torch.linalg.inv(low)
         if torch.isfinite(inv).all() and torch.linalg.matrix_norm(inv @ low - eye) < tol:
@@ -42,4 +43,4 @@ def regularize_relative(cov: Tensor, alpha: float = 1e-3) -> tuple[Tensor, float
     """Cheap rule: eps = alpha * mean(diag C) (alpha itself if the diagonal is all zero)."""
     scale = float(cov.diagonal().mean())
     eps = alpha * scale if scale > 0 else alpha
-    return _add_eye(cov, eps), eps
+    return add_identity(cov, eps), eps
