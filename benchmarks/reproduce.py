@@ -68,6 +68,7 @@ class Bench:
     """Builds models and task pools of one zoo from the installed yaml."""
 
     def __init__(self, zoo: str, cache_dir: Path, val_rows: int | None, test_rows: int | None):
+        """``cache_dir``: where PAVE's covariance cache lives (shared by all runs)."""
         names = ZOOS[zoo]
         self.names, self.cache_dir = names, cache_dir
         self.rows = {"val": val_rows, "test": test_rows}
@@ -144,7 +145,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args.zoo, out, args.val_rows, args.test_rows)
+    from fusion_bench_pave.zoo import cache_root
+
+    bench = Bench(args.zoo, cache_root(), args.val_rows, args.test_rows)
     rows: list[dict] = []
 
     start = time.perf_counter()
