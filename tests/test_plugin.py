@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,18 @@ def test_cli_help_lists_our_config_groups(tmp_path):
     for kind in ("clip", "t5", "mistral"):
         assert f"tiny_{kind}" in groups["modelpool"]
         assert f"tiny_{kind}" in groups["taskpool"]
+
+
+def test_importing_the_plugin_registers_smile_causal_lms_in_a_fresh_interpreter():
+    # fusion_bench imports the plugin; a pool pointing at a saved SMILE model then loads it by Auto class
+    code = (
+        "import fusion_bench_pave\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "for t in ('smile_mistral', 'smile_llama', 'smile_qwen2'):\n"
+        "    config = AutoConfig.for_model(t, vocab_size=32, hidden_size=16, intermediate_size=32,\n"
+        "        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, rank_of_expert=4, rank_of_router=2)\n"
+        "    print(type(AutoModelForCausalLM.from_config(config)).__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["SmileMistralForCausalLM", "SmileLlamaForCausalLM", "SmileQwen2ForCausalLM"]
