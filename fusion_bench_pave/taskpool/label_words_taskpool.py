@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -13,13 +12,10 @@ from tqdm.auto import tqdm
 
 from fusion_bench import BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
-from fusion_bench.utils import count_parameters, instantiate
+from fusion_bench.utils import instantiate
 
 from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
-from fusion_bench_pave.taskpool.task_modulation import for_task
-
-log = logging.getLogger(__name__)
-
+from fusion_bench_pave.taskpool.report import evaluate_tasks
 
 @auto_register_config
 class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
@@ -79,17 +75,6 @@ class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
     def evaluate(self, model: nn.Module, name: str | None = None, **kwargs) -> dict[str, Any]:
         tokenizer = self._load_tokenizer()
         model = self.fabric.to_device(model).eval()
-        trainable, total = count_parameters(model)
-        report: dict[str, Any] = {"model_info": {"trainable_params": trainable, "all_params": total}}
-        if name is not None:
-            report["model_info"]["name"] = name
-        for task, dataset in self.test_datasets.items():
-            if isinstance(dataset, (dict, DictConfig)):
-                dataset = instantiate(dataset)
-            report[task] = self.evaluate_task(for_task(model, task), tokenizer, task, dataset)
-            log.info(f"{task}: {report[task]}")
-        tasks = [v for k, v in report.items() if k != "model_info"]
-        report["average"] = {
-            key: sum(t[key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
-        }
-        return report
+        return evaluate_tasks(
+            model, self.test_datasets, lambda m, task, data: self.evaluate_task(m, tokenizer, task, data), name
+        )

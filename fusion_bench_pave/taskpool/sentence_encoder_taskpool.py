@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -13,11 +12,10 @@ from tqdm.auto import tqdm
 
 from fusion_bench import BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
-from fusion_bench.utils import count_parameters, instantiate
+from fusion_bench.utils import instantiate
 
+from fusion_bench_pave.taskpool.report import evaluate_tasks
 from fusion_bench_pave.taskpool.sentence_encoder import embed, label_prompt_head, prompt_logits
-
-log = logging.getLogger(__name__)
 
 
 @auto_register_config
@@ -104,17 +102,7 @@ class SentenceEncoderTaskPool(LightningFabricMixin, BaseTaskPool):
         tokenizer = self.load_tokenizer()
         heads = self.heads(tokenizer)
         model = self.fabric.to_device(model).eval()
-        trainable, total = count_parameters(model)
-        report: dict[str, Any] = {"model_info": {"trainable_params": trainable, "all_params": total}}
-        if name is not None:
-            report["model_info"]["name"] = name
-        for task, dataset in self.test_datasets.items():
-            if isinstance(dataset, (dict, DictConfig)):
-                dataset = instantiate(dataset)
-            if hasattr(model, "set_task"):
-                model.set_task(task)
-            report[task] = self.evaluate_task(model, tokenizer, heads[task], task, dataset)
-            log.info(f"{task}: {report[task]}")
-        tasks = [v for k, v in report.items() if k != "model_info"]
-        report["average"] = {key: sum(t[key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")}
-        return report
+        return evaluate_tasks(
+            model, self.test_datasets,
+            lambda m, task, data: self.evaluate_task(m, tokenizer, heads[task], task, data), name,
+        )

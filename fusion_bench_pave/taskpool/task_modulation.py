@@ -11,11 +11,11 @@ from torch import nn
 
 
 def for_task(model: nn.Module, task: str) -> nn.Module:
-    """The module that computes ``task``: a modulated model's backbone, switched to ``task``;
-    any other model unchanged."""
-    from fusion_bench.models.modulator.base import ModulatedModel
-
-    if isinstance(model, ModulatedModel):
+    """The module that computes ``task``. A model with ``set_task`` (FusionBench's
+    ``ModulatedModel`` or any look-alike) is switched to ``task`` first; a ``ModulatedModel``
+    applies the modulation to its ``backbone`` in place, so the backbone is returned. Any other
+    model is returned unchanged."""
+    if hasattr(model, "set_task"):
         model.set_task(task)
-        return model.backbone
+        return getattr(model, "backbone", model)
     return model

@@ -1,0 +1,38 @@
+"""The FusionBench report our text task pools return: model info, one score dict per task, average."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+from torch import nn
+
+from fusion_bench.utils import count_parameters, instantiate
+
+from fusion_bench_pave.taskpool.task_modulation import for_task
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    datasets: DictConfig | dict[str, Any],
+    score: Callable[[nn.Module, str, Any], dict[str, float]],
+    name: str | None = None,
+) -> dict[str, Any]:
+    """``score(module, task, dataset) -> {"accuracy", "loss"}`` for every task, each with the module
+    that computes it (``for_task``), plus ``model_info`` and the task average, as FusionBench's CLIP
+    task pool reports them."""
+    trainable, total = count_parameters(model)
+    report: dict[str, Any] = {"model_info": {"trainable_params": trainable, "all_params": total}}
+    if name is not None:
+        report["model_info"]["name"] = name
+    for task, dataset in datasets.items():
+        if isinstance(dataset, (dict, DictConfig)):
+            dataset = instantiate(dataset)
+        report[task] = score(for_task(model, task), task, dataset)
+        log.info(f"{task}: {report[task]}")
+    tasks = [v for k, v in report.items() if k != "model_info"]
+    report["average"] = {key: sum(t[key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")}
+    return report
