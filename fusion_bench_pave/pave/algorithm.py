@@ -143,9 +143,13 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         return {"model": merged, "pave": extras}
 
     # ---------------------------------------------------------- covariance
+    @property
+    def excluded_patterns(self) -> list[str]:
+        """Patterns of Linear modules kept unpurified: the configured ones, else the heads."""
+        return list(HEADS if self.exclude_modules is None else self.exclude_modules)
+
     def _include(self, name: str, module: nn.Linear) -> bool:
-        patterns = HEADS if self.exclude_modules is None else self.exclude_modules
-        return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in patterns)
+        return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in self.excluded_patterns)
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of every Linear of `model` on task's calibration samples; with several
@@ -162,7 +166,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "mask_padding": self.mask_padding,
             "max_length": self.max_length,
             "dtype": self.accumulate_dtype,
-            "exclude": list(HEADS if self.exclude_modules is None else self.exclude_modules),
+            "exclude": self.excluded_patterns,
         }
         if cache is not None and (stats := cache.load(parts)) is not None:
             self._cache_hits.append(task)
