@@ -1,5 +1,5 @@
 """On-disk cache of covariance statistics keyed by (model fingerprint, dataset, samples, masking, ...),
-so a sweep over rho or lambda collects statistics once. Writes are atomic (temp file + os.replace)."""
+so a sweep over rho or lambda collects statistics once. Writes are atomic (fusion_bench_pave.atomic)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from fusion_bench_pave.atomic import atomic_file
 from fusion_bench_pave.pave.covariance import CovarianceStats
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,11 @@ class CovarianceCache:
         path = self.path(cache_key(parts))
         if not path.exists():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated/corrupt file (e.g. written by another tool): recompute
+            log.warning(f"ignoring unreadable covariance cache {path}: {error}")
+            return None
         if payload["parts"] != json.loads(json.dumps(dict(parts), sort_keys=True, default=str)):
             log.warning(f"ignoring covariance cache {path}: key parts differ (hash collision?)")
             return None
@@ -66,15 +70,6 @@ class CovarianceCache:
             "count": stats.count,
             "input_of": stats.input_of,
         }
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp_pave_cov_", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_file(path, "wb") as handle:
+            torch.save(payload, handle)
         return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Mapping
 
 import matplotlib
@@ -11,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from fusion_bench_pave.atomic import atomic_file  # noqa: E402
 
 
 def save_rank_heatmap(
@@ -27,17 +27,9 @@ def save_rank_heatmap(
     ax.set_title("PAVE kept rank / full rank")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with atomic_file(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=100)
     finally:
         plt.close(fig)
     return path

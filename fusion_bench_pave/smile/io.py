@@ -9,45 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
 from torch import nn
 
+from fusion_bench_pave.atomic import atomic_output_dir
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.upscale import set_module
 
 MANIFEST = "smile.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "fusion_bench_pave.smile/1"
-
-
-@contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
-
-    Refuses an existing ``path`` unless ``overwrite``; a failure leaves ``path`` untouched.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=true to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smile_manifest(model: nn.Module) -> dict:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from fusion_bench_pave.atomic import atomic_output_dir
 
 COMPLETE = "COMPLETE"
 
@@ -34,19 +34,14 @@ def locked(path: Path) -> Iterator[None]:
 
 def build_once(target: Path, build: Callable[[Path], None], stamp: str) -> Path:
     """Return ``target``, first running ``build(staging_dir)`` and renaming the result to ``target``
-    if ``target/COMPLETE`` is missing. ``stamp`` is written to ``COMPLETE`` last."""
+    if ``target/COMPLETE`` is missing. ``stamp`` is written to ``COMPLETE`` last; an incomplete
+    leftover at ``target`` (from an older layout or a killed build) is replaced."""
     if (target / COMPLETE).exists():
         return target
     with locked(target.parent / f".{target.name}.lock"):
         if (target / COMPLETE).exists():
             return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic_output_dir(target, overwrite=True) as staging:
             build(staging)
             (staging / COMPLETE).write_text(stamp)
-            if target.exists():  # an incomplete leftover from an older, killed build
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return target

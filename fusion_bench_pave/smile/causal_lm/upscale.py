@@ -20,11 +20,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from fusion_bench_pave.atomic import atomic_output_dir
 from fusion_bench_pave.smile.causal_lm.checkpoint import INDEX, SafetensorsCheckpoint, ShardWriter
 from fusion_bench_pave.smile.causal_lm.configuration import SMILE_CONFIGS
 from fusion_bench_pave.smile.causal_lm.modeling import SMILE_CAUSAL_LMS, SMILE_PROJECTIONS
 from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
-from fusion_bench_pave.smile.io import atomic_output_dir
 from fusion_bench_pave.smile.svd import SvdMethod
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,128 @@
+"""Atomic outputs: every file or directory this package writes appears complete or not at all.
+
+Work happens in a staging sibling (same filesystem, so the final ``os.replace`` is atomic) whose
+name records the writer's pid: ``.<name>.tmp-<pid>-<random>``. A run killed mid-write leaves only
+such a hidden sibling, never a half-written target, and the next write to the same target removes
+the siblings whose writer is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+#: Test hook: when set to a target's file name, the writer stops itself (SIGSTOP) with that target's
+#: staging directory fully written but not yet renamed, so a test can kill a save at a known point.
+PAUSE_ENV = "FUSION_BENCH_PAVE_PAUSE_IN_STAGING"
+
+
+def _staging_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
+    """Delete the staging siblings of ``path`` left by writers that no longer run; return them."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.glob(_staging_prefix(path) + "*"):
+        pid = entry.name[len(_staging_prefix(path)) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """``FileExistsError`` if ``path`` exists and ``overwrite`` is false."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=true to replace it")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[IO]:
+    """Open a staging file that replaces ``path`` (fsynced) only if the block succeeds.
+
+    ``overwrite=False`` refuses an existing ``path``. On failure ``path`` keeps its old content.
+    """
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_staging_prefix(path)}{os.getpid()}-")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (replacing any old file)."""
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def _maybe_pause(staging: Path) -> None:
+    want = os.environ.get(PAUSE_ENV)
+    if want is not None and staging.name.startswith(_staging_prefix(Path(want))):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def publish_dir(staging: Path, path: Path) -> None:
+    """Move the finished directory ``staging`` to ``path``, replacing what is there.
+
+    An existing ``path`` is first renamed aside, so a kill between the two renames leaves ``path``
+    absent (never mixed); the old copy is then deleted."""
+    _maybe_pause(staging)
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-old-", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(staging, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+
+
+@contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging sibling directory that replaces ``path`` only if the block succeeds.
+
+    Refuses an existing ``path`` unless ``overwrite``; a failure or kill leaves ``path`` untouched.
+    """
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-", dir=path.parent))
+    try:
+        yield staging
+        publish_dir(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
