@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from fusion_bench.utils.instantiate_utils import instantiate
+from fusion_bench_pave.atomic import atomic_write_text
 from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict
 from fusion_bench_pave.pave.calibration import (
     dataset_fingerprint,
@@ -308,10 +309,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         log_dir = self.log_dir
         if log_dir is None or not self.fabric.is_global_zero:
             return
-        path = os.path.join(log_dir, "pave_report.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(extras, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(log_dir, "pave_report.json"), json.dumps(extras, indent=2))
         if extras["full_ranks"]:
             save_rank_heatmap(extras["ranks"], extras["full_ranks"], os.path.join(log_dir, "pave_ranks.png"))
 
