@@ -23,9 +23,9 @@ def test_repo_root_does_not_hijack_fusion_bench_config_dir():
 def test_compose_finds_our_pools(kind):
     cfg = compose_fusion_bench([f"modelpool=tiny_{kind}", f"taskpool=tiny_{kind}", "method=task_arithmetic"])
     expected = {
-        "clip": ("fusion_bench.modelpool.CLIPVisionModelPool", "fusion_bench_pave.taskpool.CLIPVisionTaskPool"),
+        "clip": ("fusion_bench_pave.modelpool.CLIPVisionModelPool", "fusion_bench_pave.taskpool.CLIPVisionTaskPool"),
         "t5": ("fusion_bench_pave.modelpool.Seq2SeqLMPool", "fusion_bench_pave.taskpool.LabelWordsTaskPool"),
-        "mistral": ("fusion_bench.modelpool.CausalLMPool", "fusion_bench_pave.taskpool.LabelWordsTaskPool"),
+        "mistral": ("fusion_bench_pave.modelpool.CausalLMPool", "fusion_bench_pave.taskpool.LabelWordsTaskPool"),
     }[kind]
     assert (cfg.modelpool._target_, cfg.taskpool._target_) == expected
     assert cfg.method._target_ == "fusion_bench.method.TaskArithmeticAlgorithm"

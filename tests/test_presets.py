@@ -64,7 +64,7 @@ def test_zoo_demo_preset_composes_without_building_the_zoo(tiny_cache):
     assert cfg.method.merger._target_ == "fusion_bench.method.TiesMergingAlgorithm"
     assert cfg.method.merger.scaling_factor == 0.3 and cfg.method.max_length == 64
     assert cfg.method.rho == 63 / 64
-    assert cfg.modelpool._target_ == "fusion_bench.modelpool.SequenceClassificationModelPool"
+    assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.SequenceClassificationModelPool"
     assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.SentenceEncoderTaskPool"
     assert not (tiny_cache / "zoo").exists()
 

@@ -279,7 +279,7 @@ def test_installer_asks_pip_only_for_missing_or_other_versions(monkeypatch):
 def test_minilm_pool_and_taskpools_compose_and_match_the_task_definitions():
     cfg = compose_fusion_bench(["method=pave_ties", "modelpool=zoo_minilm", "taskpool=zoo_minilm"])
     # nothing below resolves ${fbp_zoo:minilm}, so composing never builds the zoo
-    assert cfg.modelpool._target_ == "fusion_bench.modelpool.SequenceClassificationModelPool"
+    assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.SequenceClassificationModelPool"
     assert list(cfg.modelpool.models) == ["_pretrained_", *TEXT_TASKS]
     assert set(cfg.modelpool.train_datasets) == set(cfg.modelpool.val_datasets) == set(TEXT_TASKS)
     for split_pool, split in (("zoo_minilm", "test"), ("zoo_minilm_val", "val")):

@@ -1,4 +1,4 @@
-"""FusionBench's Seq2SeqLMPool with a working ``load_tokenizer`` and HF-format saving."""
+"""FusionBench's Seq2SeqLMPool with a working ``load_tokenizer`` and atomic HF-format saving."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from omegaconf import DictConfig
 from fusion_bench.modelpool import Seq2SeqLMPool as _FusionBenchSeq2SeqLMPool
 from fusion_bench.utils import instantiate
 
+from fusion_bench_pave.modelpool.atomic_save import AtomicSaveMixin
 
-class Seq2SeqLMPool(_FusionBenchSeq2SeqLMPool):
+
+class _RepairedSeq2SeqLMPool(_FusionBenchSeq2SeqLMPool):
     """In fusion_bench 0.2.33 ``load_tokenizer`` returns ``isinstance(...)`` (a bool) and
     ``save_model`` writes a bare state dict that ``from_pretrained`` cannot read."""
 
@@ -25,3 +27,7 @@ class Seq2SeqLMPool(_FusionBenchSeq2SeqLMPool):
 
     def save_model(self, model, path: str, **kwargs) -> None:
         model.save_pretrained(path)
+
+
+class Seq2SeqLMPool(AtomicSaveMixin, _RepairedSeq2SeqLMPool):
+    """The repaired pool, saving atomically and refusing an existing path unless overwrite."""

@@ -1,0 +1,70 @@
+"""FusionBench model pools whose ``save_model`` is atomic and will not clobber an existing model.
+
+FusionBench's program saves the merged model with ``modelpool.save_model(model, path, **merged_model_save_kwargs)``
+after the merge, writing into ``path`` directly: a run killed while saving leaves a half-written
+checkpoint, and a rerun silently overwrites the last one. These pools write into a staging
+directory renamed into place (``fusion_bench_pave.atomic``) and refuse an existing ``path`` unless
+``merged_model_save_kwargs.overwrite=true``; the refusal happens when the program attaches itself
+to the pool, i.e. before any merging, not after it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from fusion_bench.modelpool import CausalLMPool as _CausalLMPool
+from fusion_bench.modelpool import CLIPVisionModelPool as _CLIPVisionModelPool
+from fusion_bench.modelpool import SequenceClassificationModelPool as _SequenceClassificationModelPool
+
+from fusion_bench_pave.atomic import atomic_output_dir, refuse_existing
+
+
+def program_save_target(program: Any) -> tuple[str, bool] | None:
+    """(path, overwrite) the FusionBench program will save the merged model to, or None."""
+    path = getattr(program, "merged_model_save_path", None)
+    if path is None:
+        return None
+    log_dir = getattr(program, "log_dir", None)
+    if "{log_dir}" in path and log_dir is not None:
+        path = path.format(log_dir=log_dir)
+    kwargs = getattr(program, "merged_model_save_kwargs", None) or {}
+    return os.path.expanduser(path), bool(kwargs.get("overwrite", False))
+
+
+class AtomicSaveMixin:
+    """``save_model(model, path, overwrite=False, **kwargs)``: the base pool's save, written to a
+    staging directory that replaces ``path`` only once complete."""
+
+    _attached_program: Any = None
+
+    @property
+    def _program(self) -> Any:
+        return self._attached_program
+
+    @_program.setter
+    def _program(self, program: Any) -> None:
+        """FusionBench sets this right after instantiating the pool: check the save path now."""
+        self._attached_program = program
+        if (target := program_save_target(program)) is not None:
+            refuse_existing(*target)
+
+    def save_model(self, model: nn.Module, path: str, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported by atomic saving; save locally, then upload the directory")
+        with atomic_output_dir(os.path.expanduser(path), overwrite) as staging:
+            super().save_model(model, str(staging), *args, **kwargs)
+
+
+class CLIPVisionModelPool(AtomicSaveMixin, _CLIPVisionModelPool):
+    """FusionBench's CLIPVisionModelPool with atomic, non-clobbering ``save_model``."""
+
+
+class CausalLMPool(AtomicSaveMixin, _CausalLMPool):
+    """FusionBench's CausalLMPool with atomic, non-clobbering ``save_model``."""
+
+
+class SequenceClassificationModelPool(AtomicSaveMixin, _SequenceClassificationModelPool):
+    """FusionBench's SequenceClassificationModelPool with atomic, non-clobbering ``save_model``."""

@@ -1,0 +1,128 @@
+"""Our model pools save merged models atomically and refuse an existing path unless overwrite=true,
+both directly and through FusionBench's program (merged_model_save_path / merged_model_save_kwargs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, CLIPVisionModel
+
+from fusion_bench import modelpool as fusion_bench_pools
+from fusion_bench.method import TaskArithmeticAlgorithm
+from fusion_bench.utils import instantiate
+from fusion_bench_pave.modelpool import (
+    CausalLMPool,
+    CLIPVisionModelPool,
+    Seq2SeqLMPool,
+    SequenceClassificationModelPool,
+)
+
+from conftest import REPO_ROOT, compose_fusion_bench
+
+
+def tiny_pool(kind: str):
+    return instantiate(compose_fusion_bench([f"modelpool=tiny_{kind}"]).modelpool)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_our_yamls_use_the_atomic_pools():
+    for kind, cls in [("clip", CLIPVisionModelPool), ("t5", Seq2SeqLMPool), ("mistral", CausalLMPool)]:
+        assert type(tiny_pool(kind)) is cls
+    target = compose_fusion_bench(["modelpool=zoo_minilm"]).modelpool._target_
+    assert target == "fusion_bench_pave.modelpool.SequenceClassificationModelPool"
+    assert issubclass(SequenceClassificationModelPool, fusion_bench_pools.SequenceClassificationModelPool)
+
+
+@pytest.mark.parametrize(
+    "kind, loader",
+    [("clip", CLIPVisionModel), ("t5", AutoModelForSeq2SeqLM), ("mistral", AutoModelForCausalLM)],
+)
+def test_save_reloads_refuses_an_existing_path_and_overwrites_on_request(tmp_path, kind, loader):
+    pool = tiny_pool(kind)
+    first, second = pool.load_model(pool.model_names[0]), pool.load_model(pool.model_names[1])
+    out = tmp_path / "merged"
+    pool.save_model(first, str(out))
+    assert_same_weights(loader.from_pretrained(out), first)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging left behind
+    with pytest.raises(FileExistsError, match=r"merged already exists; pass overwrite=true"):
+        pool.save_model(second, str(out))
+    assert_same_weights(loader.from_pretrained(out), first)
+    pool.save_model(second, str(out), overwrite=True)
+    assert_same_weights(loader.from_pretrained(out), second)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_a_failed_save_leaves_the_old_model(tmp_path, monkeypatch):
+    pool = tiny_pool("clip")
+    model = pool.load_model("tiny_color")
+    out = tmp_path / "merged"
+    pool.save_model(model, str(out))
+    before = sorted(os.listdir(out))
+
+    def broken(self, path, **kwargs):
+        (Path(path) / "config.json").write_text("{half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(CLIPVisionModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        pool.save_model(pool.load_model("tiny_shape"), str(out), overwrite=True)
+    assert sorted(os.listdir(out)) == before and os.listdir(tmp_path) == ["merged"]
+    monkeypatch.undo()
+    assert_same_weights(CLIPVisionModel.from_pretrained(out), model)
+
+
+def test_push_to_hub_is_refused(tmp_path):
+    pool = tiny_pool("mistral")
+    with pytest.raises(ValueError, match="push_to_hub is not supported by atomic saving"):
+        pool.save_model(pool.load_model("sentiment"), str(tmp_path / "m"), push_to_hub=True)
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_program_attaching_itself_checks_the_save_path(tmp_path):
+    pool = tiny_pool("clip")
+    (tmp_path / "logs" / "merged").mkdir(parents=True)
+    program = SimpleNamespace(merged_model_save_path="{log_dir}/merged", log_dir=str(tmp_path / "logs"),
+                              merged_model_save_kwargs=None)
+    with pytest.raises(FileExistsError, match=r"logs/merged already exists; pass overwrite=true"):
+        pool._program = program
+    program.merged_model_save_kwargs = {"overwrite": True}
+    pool._program = program
+    assert pool._program is program
+    pool._program = SimpleNamespace(merged_model_save_path=str(tmp_path / "new"), merged_model_save_kwargs=None)
+    pool._program = SimpleNamespace(merged_model_save_path=None)
+
+
+def cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    exe = os.path.join(os.path.dirname(sys.executable), "fusion_bench")
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+
+
+@pytest.mark.slow
+def test_cli_refuses_an_existing_merged_model_path_before_merging_and_overwrites_on_request(tmp_path):
+    out = tmp_path / "merged"
+    common = ["method=task_arithmetic", "method.scaling_factor=0.5", "modelpool=tiny_clip", "~taskpool",
+              f"path.log_dir={tmp_path / 'logs'}", f"merged_model_save_path={out}", "print_config=false"]
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    refused = cli(common, REPO_ROOT)
+    assert refused.returncode != 0
+    assert "merged already exists; pass overwrite=true" in refused.stderr + refused.stdout
+    assert "Saving the merged model" not in refused.stderr + refused.stdout
+    assert os.listdir(out) == ["precious.txt"]
+    done = cli([*common, "merged_model_save_kwargs={overwrite: true}"], REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "precious.txt" not in os.listdir(out)
+    assert_same_weights(CLIPVisionModel.from_pretrained(out), TaskArithmeticAlgorithm(scaling_factor=0.5).run(tiny_pool("clip")))
+    assert sorted(os.listdir(tmp_path)) == ["logs", "merged"]
