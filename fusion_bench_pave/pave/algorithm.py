@@ -33,6 +33,7 @@ from fusion_bench_pave.pave.calibration import (
     sample_indices,
     shard,
 )
+from fusion_bench_pave.pave.config_checks import check_hyperparameters
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_singular_values, context_svd, project_weight
@@ -104,8 +105,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(dict(modelpool))
-        if not 0 < self.rho <= 1:
-            raise ValueError(f"rho must be in (0, 1], got {self.rho}; rho=1 keeps every component.")
+        check_hyperparameters(self, DTYPES)
         copy = deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = copy(modelpool.load_pretrained_model())
         finetuned = {name: copy(modelpool.load_model(name)) for name in modelpool.model_names}
@@ -316,6 +316,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
 
 def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> None:
     """Same parameter names and shapes as the pretrained model, and finite weights."""
+    if not finetuned:
+        raise ValueError("the pool has no fine-tuned models besides _pretrained_; PAVE needs at least one")
     for key, tensor in pretrained.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"pretrained model: parameter '{key}' has non-finite values (NaN/inf).")

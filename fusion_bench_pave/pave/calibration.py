@@ -23,6 +23,8 @@ TEXT_COLUMNS = ("text", "sentence", "content")
 
 def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> list[int]:
     """A seeded random subset of `num_samples` row indices; errors if the split is too small."""
+    if num_rows == 0:
+        raise ValueError(f"task '{task}': its calibration dataset is empty (0 rows); PAVE needs calibration samples.")
     if num_samples > num_rows:
         raise ValueError(
             f"task '{task}': asked for {num_samples} calibration samples but its train split has only "
