@@ -16,7 +16,7 @@ from fusion_bench_pave.smile.svd import SvdMethod, top_svd
 
 
 def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None, bs: Sequence[Tensor | None], gate_k: int, k: int) -> None:
-    """Raise a ``ValueError`` naming ``name`` for an empty expert list, shape mismatches or ranks out of range."""
+    """Raise a ``ValueError`` naming ``name`` for an empty expert list, shape mismatches, non-finite weights or ranks out of range."""
     if len(ws) == 0:
         raise ValueError(f"{name}: no fine-tuned models given (T=0); SMILE needs at least one expert")
     if w0.ndim != 2:
@@ -30,6 +30,10 @@ def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor |
         if (b is None) != (b0 is None) or (b is not None and b.shape != b0.shape):
             shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
             raise ValueError(f"{name}: fine-tuned model {i} has bias shape {shape(b)}, pretrained has {shape(b0)}")
+    tensors = [("pretrained", w0, b0), *((f"fine-tuned model {i}", w, b) for i, (w, b) in enumerate(zip(ws, bs)))]
+    for label, w, b in tensors:
+        if any(t is not None and t.is_floating_point() and not torch.isfinite(t).all() for t in (w, b)):
+            raise ValueError(f"{name}: {label} has non-finite weights (NaN/inf)")
     max_rank = min(w0.shape)
     if not 1 <= gate_k <= max_rank:
         raise ValueError(f"{name}: gate_k={gate_k} out of range [1, {max_rank}] for a {w0.shape[0]}x{w0.shape[1]} weight")
