@@ -1,8 +1,8 @@
-"""FusionBench model pools whose ``save_model`` is atomic and will not clobber an existing model.
+"""Model-pool mixin whose ``save_model`` is atomic and will not clobber an existing model.
 
 FusionBench's program saves the merged model with ``modelpool.save_model(model, path, **merged_model_save_kwargs)``
 after the merge, writing into ``path`` directly: a run killed while saving leaves a half-written
-checkpoint, and a rerun silently overwrites the last one. These pools write into a staging
+checkpoint, and a rerun silently overwrites the last one. Pools with this mixin write into a staging
 directory renamed into place (``fusion_bench_pave.atomic``) and refuse an existing ``path`` unless
 ``merged_model_save_kwargs.overwrite=true``; the refusal happens when the program attaches itself
 to the pool, i.e. before any merging, not after it.
@@ -14,10 +14,6 @@ import os
 from typing import Any
 
 from torch import nn
-
-from fusion_bench.modelpool import CausalLMPool as _CausalLMPool
-from fusion_bench.modelpool import CLIPVisionModelPool as _CLIPVisionModelPool
-from fusion_bench.modelpool import SequenceClassificationModelPool as _SequenceClassificationModelPool
 
 from fusion_bench_pave.atomic import atomic_output_dir, refuse_existing
 
@@ -56,15 +52,3 @@ class AtomicSaveMixin:
             raise ValueError("push_to_hub is not supported by atomic saving; save locally, then upload the directory")
         with atomic_output_dir(os.path.expanduser(path), overwrite) as staging:
             super().save_model(model, str(staging), *args, **kwargs)
-
-
-class CLIPVisionModelPool(AtomicSaveMixin, _CLIPVisionModelPool):
-    """FusionBench's CLIPVisionModelPool with atomic, non-clobbering ``save_model``."""
-
-
-class CausalLMPool(AtomicSaveMixin, _CausalLMPool):
-    """FusionBench's CausalLMPool with atomic, non-clobbering ``save_model``."""
-
-
-class SequenceClassificationModelPool(AtomicSaveMixin, _SequenceClassificationModelPool):
-    """FusionBench's SequenceClassificationModelPool with atomic, non-clobbering ``save_model``."""

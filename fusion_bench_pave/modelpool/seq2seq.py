@@ -1,4 +1,4 @@
-"""FusionBench's Seq2SeqLMPool with a working ``load_tokenizer`` and atomic HF-format saving."""
+"""FusionBench's Seq2SeqLMPool with a working ``load_tokenizer``, checked loading and atomic HF-format saving."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fusion_bench.modelpool import Seq2SeqLMPool as _FusionBenchSeq2SeqLMPool
 from fusion_bench.utils import instantiate
 
 from fusion_bench_pave.modelpool.atomic_save import AtomicSaveMixin
+from fusion_bench_pave.modelpool.checked_load import CheckedLoadMixin
 
 
 class _RepairedSeq2SeqLMPool(_FusionBenchSeq2SeqLMPool):
@@ -29,5 +30,5 @@ class _RepairedSeq2SeqLMPool(_FusionBenchSeq2SeqLMPool):
         model.save_pretrained(path)
 
 
-class Seq2SeqLMPool(AtomicSaveMixin, _RepairedSeq2SeqLMPool):
-    """The repaired pool, saving atomically and refusing an existing path unless overwrite."""
+class Seq2SeqLMPool(CheckedLoadMixin, AtomicSaveMixin, _RepairedSeq2SeqLMPool):
+    """The repaired pool, with checked loading and atomic, non-clobbering saving."""
