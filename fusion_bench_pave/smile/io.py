@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 from torch import nn
 
@@ -60,5 +61,8 @@ def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}), base model has {old}")
         set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
-    safetensors.torch.load_model(base, str(path / WEIGHTS), strict=True)
+    try:
+        safetensors.torch.load_model(base, str(path / WEIGHTS), strict=True)
+    except safetensors.SafetensorError as error:
+        raise ValueError(f"{path / WEIGHTS}: corrupt or truncated safetensors file ({error}); delete it and upscale again") from error
     return base

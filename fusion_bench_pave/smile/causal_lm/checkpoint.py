@@ -14,10 +14,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+
+
+def open_safetensors(file: Path):
+    """``safe_open(file)``, failing with the file's name if it is corrupt or truncated."""
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as error:
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({error}); re-create or re-download the checkpoint") from error
 
 
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
@@ -35,11 +43,11 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
                 raise FileNotFoundError(f"{self.path}: no *.safetensors weights (or {INDEX}) found")
             self._files = {}
             for file in files:
-                with safe_open(file, framework="pt") as f:
+                with open_safetensors(file) as f:
                     self._files |= dict.fromkeys(f.keys(), file)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(self._files[name], framework="pt") as f:
+        with open_safetensors(self._files[name]) as f:
             return f.get_tensor(name)
 
     def __contains__(self, name: object) -> bool:  # without loading the tensor (Mapping's default would)
