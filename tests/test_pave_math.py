@@ -304,3 +304,21 @@ def test_uniform_and_invalid_rho():
             allocate_ranks(spectra, rho)
     with pytest.raises(ValueError, match="allocation must be"):
         allocate_ranks(spectra, 0.5, "nope")
+
+
+def test_doubling_with_residual_estimate_picks_the_exact_rules_eps():
+    from fusion_bench_pave.pave.regularize import inverse_check, inverse_residual
+
+    g = torch.Generator().manual_seed(3)
+    for rows, dim, eps0 in [(8, 64, 1e-7), (40, 64, 1e-4), (400, 64, 0.1), (30, 200, 1e-6)]:
+        x = torch.randn(rows, dim, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, dim, dtype=torch.float64)
+        cov = x.T @ x / rows
+        eps = eps0  # the exact rule, explicit inverse at every step
+        while inverse_residual((cov + eps * torch.eye(dim, dtype=torch.float64)).float()) >= 5e-2:
+            eps *= 2
+        reg, chosen = regularize_doubling(cov, eps0=eps0, tol=5e-2)
+        assert chosen == eps
+        torch.testing.assert_close(reg, cov + eps * torch.eye(dim, dtype=torch.float64), rtol=0, atol=0)
+        # the check agrees with the exact norm on both sides of tol, including inside the guard band
+        for tol in [1e-6, 1e-3, 5e-2, 1.0, 1e3]:
+            assert inverse_check(reg.float(), tol) == (inverse_residual(reg.float()) < tol)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 import time
 from copy import deepcopy
@@ -36,14 +37,15 @@ from fusion_bench_pave.pave.calibration import (
 from fusion_bench_pave.pave.config_checks import check_hyperparameters
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
 from fusion_bench_pave.pave.plot import save_rank_heatmap
-from fusion_bench_pave.pave.purify import context_singular_values, context_svd, project_weight
-from fusion_bench_pave.pave.rank_allocation import allocate_ranks, normalized_spectrum
+from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
+from fusion_bench_pave.pave.rank_allocation import allocate_ranks, floor_rank, normalized_spectrum
 from fusion_bench_pave.pave.regularize import add_identity, regularize_doubling, regularize_relative
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HEADS = ["lm_head", "classifier", "score"]
+TAIL_BYTES = 2 * 2**30  # per_model: float64 columns of U kept between the spectra and purify passes
 
 
 @auto_register_config
@@ -243,9 +245,11 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         """Replace every hooked Linear weight of every model by its purified version, in place.
         Returns the kept ranks {task: {layer: r}} and full ranks {layer: R}.
 
-        per_layer/uniform ranks depend on one layer's spectra only, so each layer takes one pass:
-        one SVD per model, allocate, project. per_model needs every layer's spectrum first: a
-        singular-values pass, then an SVD pass for the pruned layers. Only eps is kept per input
+        Each (model, layer) takes one eigendecomposition of the Gram matrix of W C_eps (spectrum
+        and U together). per_layer/uniform ranks depend on one layer's spectra only: decompose,
+        allocate, project, layer by layer. per_model needs every layer's spectrum first, so the
+        first pass also keeps the trailing columns of U that the collapsed ranks can drop (up to
+        TAIL_BYTES; beyond that, pruned layers are decomposed again). Only eps is kept per input
         (C_eps is rebuilt, bit-identical), so one covariance at a time is regularised in memory."""
         tasks = list(finetuned)
         modules = [dict(m.named_modules()) for m in finetuned.values()]
@@ -260,36 +264,51 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             regularized, eps[key] = self._regularize(cov)
             return regularized
 
-        def project(layer: str, task_index: int, u: Tensor, rank: int) -> None:
+        def decompose(task_index: int, layer: str) -> tuple[Tensor, Tensor]:
+            return context_eigh(modules[task_index][layer].weight, cov_eps(tasks[task_index], layer))
+
+        def project(task_index: int, layer: str, tail: Tensor, start: int, rank: int) -> None:
+            """Drop U's columns rank.. (tail holds columns start.. of U) from the layer's weight."""
             weight = modules[task_index][layer].weight
-            weight.data = project_weight(weight.data, u, rank)
+            weight.data = remove_subspace(weight.data, tail[:, rank - start :])
 
         show = self.fabric.is_global_zero
         allocated: dict[str, list[int]] = {}
         full_ranks: dict[str, int] = {}
         if self.allocation == "per_model":
-            spectra = {}
+            spectra, tails = {}, {}
+            lowest = lowest_collapsed_fraction(layers, modules[0], len(tasks), self.rho, self.floor_factor)
+            budget = TAIL_BYTES
             for layer in tqdm(layers, desc="PAVE spectra", disable=not show):
-                spectra[layer] = [
-                    normalized_spectrum(context_singular_values(mods[layer].weight, cov_eps(t, layer)))
-                    for t, mods in zip(tasks, modules)
-                ]
+                spectra[layer] = []
+                for i in range(len(tasks)):
+                    u, s = decompose(i, layer)
+                    spectra[layer].append(normalized_spectrum(s))
+                    start = max(0, math.floor(lowest * len(s)) - 1)
+                    tail = u[:, start:]
+                    if tail.numel() * tail.element_size() <= budget:
+                        budget -= tail.numel() * tail.element_size()
+                        tails[(i, layer)] = (tail.clone(), start)
                 full_ranks[layer] = len(spectra[layer][0])
             allocated = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)
             for layer in tqdm(layers, desc="PAVE purify", disable=not show):
-                for i, (task, mods) in enumerate(zip(tasks, modules)):
-                    if allocated[layer][i] < full_ranks[layer]:
-                        u, _ = context_svd(mods[layer].weight, cov_eps(task, layer))
-                        project(layer, i, u, allocated[layer][i])
+                for i in range(len(tasks)):
+                    rank = allocated[layer][i]
+                    if rank >= full_ranks[layer]:
+                        continue
+                    tail, start = tails.pop((i, layer), (None, 0))
+                    if tail is None or rank < start:
+                        tail, start = decompose(i, layer)[0], 0
+                    project(i, layer, tail, start, rank)
         else:
             for layer in tqdm(layers, desc="PAVE purify", disable=not show):
-                svds = [context_svd(mods[layer].weight, cov_eps(t, layer)) for t, mods in zip(tasks, modules)]
-                spectra = {layer: [normalized_spectrum(s) for _, s in svds]}
+                decompositions = [decompose(i, layer) for i in range(len(tasks))]
+                spectra = {layer: [normalized_spectrum(s) for _, s in decompositions]}
                 allocated[layer] = allocate_ranks(spectra, self.rho, self.allocation, self.floor_factor)[layer]
-                full_ranks[layer] = len(svds[0][1])
-                for i, (u, _) in enumerate(svds):
+                full_ranks[layer] = len(decompositions[0][1])
+                for i, (u, _) in enumerate(decompositions):
                     if allocated[layer][i] < full_ranks[layer]:
-                        project(layer, i, u, allocated[layer][i])
+                        project(i, layer, u, 0, allocated[layer][i])
         ranks = {t: {layer: allocated[layer][i] for layer in layers} for i, t in enumerate(tasks)}
         return ranks, full_ranks
 
@@ -367,3 +386,15 @@ def dare_(pretrained: nn.Module, finetuned: Mapping[str, nn.Module], config: Map
                 if rescale:
                     delta = delta / (1 - ratio)
                 param.data = reference[name].data + delta
+
+
+def lowest_collapsed_fraction(
+    layers: list[str], modules: Mapping[str, nn.Module], num_models: int, rho: float, floor_factor: float
+) -> float:
+    """Lower bound of per_model's collapsed kept ratio: every model keeps at least each layer's floor,
+    so its ratio sum_l r_ml / sum_l R_l is at least min_l floor_l / R_l."""
+    fractions = []
+    for layer in layers:
+        full = min(modules[layer].weight.shape)
+        fractions.append(floor_rank(full, num_models, rho, floor_factor) / full)
+    return min(fractions, default=1.0)

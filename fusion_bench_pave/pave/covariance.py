@@ -2,7 +2,9 @@
 
 Activations are never stored: each hook folds its batch into a running [in, in] sum. Linears that
 consume the very same input tensor in one forward (q/k/v, gate/up, T5 cross-attention k/v) share one
-sum, computed once. Padding tokens are dropped with a per-batch token mask.
+sum, computed once. Padding tokens are dropped with a per-batch token mask. On CPU the sums are
+rank-k updates (BLAS syrk: half the flops of X^T X as a GEMM) of the lower triangle, mirrored
+when the collector exits.
 """
 
 from __future__ import annotations
@@ -12,9 +14,35 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
+from scipy.linalg import blas
 from torch import Tensor, nn
 
 LinearFilter = Callable[[str, nn.Linear], bool]
+SYRK = {torch.float64: blas.dsyrk, torch.float32: blas.ssyrk}
+
+
+def add_gram_(acc: Tensor, rows: Tensor) -> bool:
+    """acc += rows^T rows. On CPU (float32/64) only acc's lower triangle is updated, by syrk, and
+    True is returned (mirror it with `symmetrize_`); otherwise the full GEMM, False."""
+    syrk = SYRK.get(acc.dtype) if acc.device.type == "cpu" and acc.is_contiguous() else None
+    if syrk is None:
+        acc.addmm_(rows.T, rows)
+        return False
+    if rows.shape[0]:
+        # row-major [d, d] acc is the column-major view acc.T; syrk's "upper" there is our lower
+        syrk(1.0, rows.contiguous().T.numpy(), beta=1.0, c=acc.numpy().T, trans=0, lower=0, overwrite_c=1)
+    return True
+
+
+def symmetrize_(acc: Tensor, block: int = 1024) -> Tensor:
+    """Copy the lower triangle of a square matrix onto its upper triangle, in place, one block of
+    rows at a time (no full-size temporary)."""
+    for start in range(0, acc.shape[0], block):
+        stop = min(start + block, acc.shape[0])
+        diagonal = acc[start:stop, start:stop]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+        acc[start:stop, stop:] = acc[stop:, start:stop].T
+    return acc
 
 
 @dataclass
@@ -62,6 +90,7 @@ class CovarianceCollector:
         self._mask: Optional[Tensor] = None
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._handles: list = []
+        self._triangular: set[str] = set()  # sums holding only their lower triangle until __exit__
 
     def __enter__(self) -> "CovarianceCollector":
         for name, module in self.model.named_modules():
@@ -74,6 +103,9 @@ class CovarianceCollector:
             handle.remove()
         self._handles.clear()
         self._seen.clear()
+        for name in self._triangular:
+            symmetrize_(self.stats.xtx[name])
+        self._triangular.clear()
 
     def set_token_mask(self, mask: Optional[Tensor]) -> None:
         """Start a new forward; `mask` (bool, [batch, seq]) marks the tokens to count, None = all."""
@@ -110,10 +142,10 @@ class CovarianceCollector:
                 if self.max_rows is not None:
                     rows = rows[: max(0, self.max_rows - self.stats.count.get(name, 0))]
                 rows = rows.to(self.dtype)
-                if name in self.stats.xtx:
-                    self.stats.xtx[name].addmm_(rows.T, rows)
-                else:
-                    self.stats.xtx[name] = rows.T @ rows
+                if name not in self.stats.xtx:
+                    self.stats.xtx[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
+                if add_gram_(self.stats.xtx[name], rows):
+                    self._triangular.add(name)
                 self.stats.count[name] = self.stats.count.get(name, 0) + rows.shape[0]
                 self._seen[id(x)] = (weakref.ref(x), name)
             previous = self.stats.input_of.setdefault(name, source)
