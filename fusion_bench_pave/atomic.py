@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 #: Test hook: when set to a target's file name, the writer stops itself (SIGSTOP) with that target's
-#: staging directory fully written but not yet renamed, so a test can kill a save at a known point.
+#: staging file or directory fully written but not yet renamed, so a test can kill a save there.
 PAUSE_ENV = "FUSION_BENCH_PAVE_PAUSE_IN_STAGING"
 
 
@@ -74,6 +75,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tru
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        _maybe_pause(path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -87,11 +89,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def _maybe_pause(staging: Path) -> None:
-    want = os.environ.get(PAUSE_ENV)
-    if want is not None and staging.name.startswith(_staging_prefix(Path(want))):
-        import signal
-
+def _maybe_pause(path: Path) -> None:
+    if os.environ.get(PAUSE_ENV) == path.name:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
@@ -100,7 +99,7 @@ def publish_dir(staging: Path, path: Path) -> None:
 
     An existing ``path`` is first renamed aside, so a kill between the two renames leaves ``path``
     absent (never mixed); the old copy is then deleted."""
-    _maybe_pause(staging)
+    _maybe_pause(path)
     if path.exists() or path.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-old-", dir=path.parent))
         os.replace(path, old / path.name)
