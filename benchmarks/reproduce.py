@@ -36,6 +36,7 @@ SMILE_MISTRAL = {"method": "smile_mistral_upscaling", "gate_k": "method.rank_of_
 ZOOS = {
     "minilm": {"modelpool": "zoo_minilm", "test": "zoo_minilm", "val": "zoo_minilm_val", "smile": SMILE_UPSCALING},
     "smollm": {"modelpool": "zoo_smollm", "test": "zoo_smollm", "val": "zoo_smollm_val", "smile": SMILE_MISTRAL},
+    "clip": {"modelpool": "zoo_clip", "test": "zoo_clip", "val": "zoo_clip_val", "smile": SMILE_UPSCALING},
 }
 
 # (row name, fusion_bench method, PAVE counterpart or None, tuned merger keys)
@@ -90,6 +91,8 @@ class Bench:
             if self.rows[split]:
                 datasets = {t: d.select(range(min(len(d), self.rows[split]))) for t, d in datasets.items()}
             pool.test_datasets = datasets
+            if hasattr(pool, "_test_datasets"):  # FusionBench's CLIP task pool reloads these in setup()
+                pool._test_datasets = datasets
             if self.taskpools and hasattr(pool, "_heads"):  # share the heads: they depend only on the pretrained encoder
                 pool._heads = next(iter(self.taskpools.values()))._heads
             self.taskpools[key] = pool

