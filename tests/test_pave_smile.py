@@ -17,9 +17,11 @@ from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.knowledge_aware import (
     allocate_expert_ranks,
     context_expert,
+    expert_factor,
     expert_parameter_count,
     layer_spectrum,
     whitened_router,
+    whitening_factor,
 )
 
 
@@ -48,13 +50,14 @@ def smile_parameters(model: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------ C = I is plain SMILE
+@pytest.mark.parametrize("subspace", ["knowledge_aware", "whitened"])
 @pytest.mark.parametrize("allocation", ["uniform", "spectral"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_identity_covariance_reduces_to_plain_smile(dtype, allocation):
+def test_identity_covariance_reduces_to_plain_smile(dtype, allocation, subspace):
     pre = tiny_clip_vision().to(dtype)
     fts = finetuned_copies(pre, 3)
     plain, plain_report = upscale(pre, fts, rank_allocation=allocation)
-    aware, aware_report = upscale(pre, fts, rank_allocation=allocation, subspace="knowledge_aware", covariance=identity)
+    aware, aware_report = upscale(pre, fts, rank_allocation=allocation, subspace=subspace, covariance=identity)
     assert aware_report.ranks == plain_report.ranks
     sp, sa = plain.state_dict(), aware.state_dict()
     assert sp.keys() == sa.keys()
@@ -87,20 +90,39 @@ def test_expert_is_pave_projection_of_the_task_difference():
     assert torch.linalg.matrix_norm((dw - expert) @ cov) < torch.linalg.matrix_norm((dw - plain) @ cov)
 
 
+def test_whitened_expert_minimises_the_expected_output_error():
+    gen = torch.Generator().manual_seed(5)
+    dw = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    cov = random_spd(40, 6)
+    factor = whitening_factor(cov)
+    torch.testing.assert_close(factor @ factor.T, cov, rtol=0, atol=1e-12)
+    u, svh = context_expert(dw, expert_factor(cov, "whitened"), k=5, rank=5, svd_method="full")
+    s = torch.linalg.svdvals(dw @ factor)
+    # E||(dW - expert) x||^2 = tr((dW - E) C (dW - E)^T): exactly the dropped whitened spectrum
+    error = dw - u @ svh
+    assert torch.isclose(torch.trace(error @ cov @ error.T), s[5:].square().sum(), rtol=1e-10)
+    plain_u = torch.linalg.svd(dw, full_matrices=False)[0][:, :5]
+    plain_error = dw - plain_u @ plain_u.T @ dw
+    assert torch.trace(error @ cov @ error.T) < torch.trace(plain_error @ cov @ plain_error.T)
+    assert expert_factor(cov, "knowledge_aware") is cov
+    with pytest.raises(ValueError, match="no covariance factor"):
+        expert_factor(cov, "plain")
+
+
 def test_router_rows_are_whitened_singular_directions():
     gen = torch.Generator().manual_seed(1)
     dw = torch.randn(24, 40, generator=gen, dtype=torch.float64)
     cov = random_spd(40, 4)
     g = 3
-    rows = whitened_router(dw, cov, g, rank=g, svd_method="full")
+    factor = whitening_factor(cov)
+    rows = whitened_router(dw, factor, g, rank=g, svd_method="full")
     # orthonormal in the task's metric: G C G^T = I, i.e. orthonormal in whitened coordinates
     torch.testing.assert_close(rows @ cov @ rows.T, torch.eye(g, dtype=torch.float64), rtol=0, atol=1e-9)
     # they span the top-g input directions of the activated change: ||dW C G^T||^2 = top-g energy of dW L
-    factor = torch.linalg.cholesky(cov)
     s = torch.linalg.svdvals(dw @ factor)
     assert torch.isclose(torch.linalg.matrix_norm(dw @ cov @ rows.T), s[:g].square().sum().sqrt(), rtol=1e-10)
     with pytest.raises(ValueError, match="not positive definite"):
-        whitened_router(dw, -cov, g, rank=g)
+        whitening_factor(-cov)
 
 
 # ------------------------------------------------------------------ rank allocation
@@ -127,23 +149,24 @@ def test_allocation_spends_exactly_the_budget_and_is_optimal():
         allocate_expert_ranks(spectra, shapes, 5)
 
 
-@pytest.mark.parametrize("subspace", ["plain", "knowledge_aware"])
+@pytest.mark.parametrize("subspace", ["plain", "knowledge_aware", "whitened"])
 def test_spectral_model_has_plain_smile_parameter_count(subspace):
     pre = tiny_clip_vision()
     fts = finetuned_copies(pre, 3)
     plain, _ = upscale(pre, fts)
-    cov = covariances if subspace == "knowledge_aware" else None
+    cov = None if subspace == "plain" else covariances
     spectral, report = upscale(pre, fts, subspace=subspace, covariance=cov, rank_allocation="spectral")
     assert smile_parameters(spectral) == smile_parameters(plain) == 3 * 4 * 2 * (4 * 64 + 2 * 96)  # T k layers (q,k,v,o + fc1,fc2)
     assert sum(p.numel() for p in spectral.parameters()) == sum(p.numel() for p in plain.parameters())
     assert set(report.ranks.values()) != {4}
 
 
-def test_knowledge_aware_changes_the_experts_and_reloads(tmp_path):
+@pytest.mark.parametrize("subspace", ["knowledge_aware", "whitened"])
+def test_knowledge_aware_changes_the_experts_and_reloads(tmp_path, subspace):
     pre = tiny_clip_vision()
     fts = finetuned_copies(pre, 3)
     plain, _ = upscale(pre, fts)
-    aware, _ = upscale(pre, fts, subspace="knowledge_aware", covariance=covariances, rank_allocation="spectral")
+    aware, _ = upscale(pre, fts, subspace=subspace, covariance=covariances, rank_allocation="spectral")
     x = torch.randn(2, 3, 32, 32)
     assert not torch.allclose(plain(pixel_values=x).last_hidden_state, aware(pixel_values=x).last_hidden_state, atol=1e-4)
     from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
@@ -156,10 +179,11 @@ def test_knowledge_aware_changes_the_experts_and_reloads(tmp_path):
 def test_bad_options():
     pre = tiny_clip_vision()
     fts = finetuned_copies(pre, 2)
-    with pytest.raises(ValueError, match="needs the tasks' input covariances"):
-        upscale(pre, fts, subspace="knowledge_aware")
-    with pytest.raises(ValueError, match="subspace must be"):
-        upscale(pre, fts, subspace="whitened")
+    for subspace in ("knowledge_aware", "whitened"):
+        with pytest.raises(ValueError, match="needs the tasks' input covariances"):
+            upscale(pre, fts, subspace=subspace)
+    with pytest.raises(ValueError, match="subspace must be one of"):
+        upscale(pre, fts, subspace="pca")
     with pytest.raises(ValueError, match="rank_allocation must be"):
         upscale(pre, fts, rank_allocation="greedy")
     with pytest.raises(ValueError, match="needs low-rank experts"):

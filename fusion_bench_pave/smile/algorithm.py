@@ -84,11 +84,11 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
     ``average_experts``, ``device`` (where the models live), ``upscaling_accelerator`` (where SVDs
     run), ``model_path`` (cache: loaded if it exists, else the result is saved there). Extra:
     ``target_modules`` (regexes over module names, default all ``nn.Linear``), ``dtype`` of the
-    result, ``svd_method`` (auto | full | randomized), ``subspace`` (plain | knowledge_aware:
-    PAVE-SMILE, experts and routers in each task's input-covariance subspace, see
+    result, ``svd_method`` (auto | full | randomized), ``subspace`` (plain | knowledge_aware |
+    whitened: PAVE-SMILE, experts and routers in each task's input-covariance subspace, see
     :mod:`fusion_bench_pave.smile.knowledge_aware`; needs the pool's train datasets),
     ``rank_allocation`` (uniform | spectral: per-layer expert ranks, same parameter count),
-    ``covariance`` (knowledge_aware only: keys of :class:`fusion_bench_pave.pave.PAVE` for
+    ``covariance`` (knowledge_aware / whitened only: keys of :class:`fusion_bench_pave.pave.PAVE` for
     calibration, regularisation and the covariance cache).
     """
 
@@ -123,7 +123,7 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
         pretrained = modelpool.load_pretrained_model().to(device)
         finetuned = [m.to(device) for m in modelpool.models()]
         covariance: CovarianceOf | None = None
-        if self.subspace == "knowledge_aware":
+        if self.subspace in ("knowledge_aware", "whitened"):
             covariance = task_covariances(modelpool, finetuned, self.covariance)
         model, _ = upscale_model(
             pretrained,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusion_bench_pave.smile.knowledge_aware import context_expert, whitened_router
+from fusion_bench_pave.smile.knowledge_aware import Subspace, context_expert, expert_factor, whitened_router, whitening_factor
 from fusion_bench_pave.smile.svd import SvdMethod, top_svd
 
 
@@ -60,6 +60,7 @@ def smile_tensors(
     dtype: torch.dtype | None = None,
     name: str = "layer",
     covs: Sequence[Tensor | None] | None = None,
+    subspace: Subspace = "knowledge_aware",
 ) -> dict[str, Tensor]:
     """The ``SmileLinear`` state dict (keys ``weight``, ``bias``, ``router``, ``expert_*``) for one layer.
 
@@ -67,7 +68,8 @@ def smile_tensors(
     ``dtype`` (default: ``w0.dtype``) on ``w0``'s device. Layers whose experts equal the
     pretrained layer are the caller's business (see :func:`layer_changed`).
     ``covs[i]`` (optional, regularised input covariance of expert i's task) builds expert i in the
-    knowledge-aware subspace (see :mod:`fusion_bench_pave.smile.knowledge_aware`); None keeps it plain.
+    ``subspace`` (knowledge_aware | whitened, see :mod:`fusion_bench_pave.smile.knowledge_aware`)
+    with the whitened router; None keeps expert i plain.
     """
     check_layer_inputs(name, w0, ws, b0, bs, gate_k, k)
     if covs is not None and len(covs) != len(ws):
@@ -82,10 +84,12 @@ def smile_tensors(
         cov = None if covs is None else covs[i]
         if cov is not None:
             cov = cov.to(dev)
+            whitening = whitening_factor(cov, name)
             source, router_rank = (dw, rank) if routing_use_diff else (w.to(dev, base.dtype), gate_k)
-            routers.append(whitened_router(source, cov, gate_k, router_rank, svd_method, name))
+            routers.append(whitened_router(source, whitening, gate_k, router_rank, svd_method))
             if k > 0:
-                u, svh = context_expert(dw, cov, k, rank, svd_method)
+                factor = whitening if subspace == "whitened" else expert_factor(cov, subspace, name)
+                u, svh = context_expert(dw, factor, k, rank, svd_method)
                 us.append(u)
                 svhs.append(svh)
             else:

@@ -2,27 +2,31 @@
 
 Plain SMILE factorises the task difference dW_i = W_i - W_0 by its plain SVD. PAVE (arXiv 2510.14697)
 argues that the components that matter are those of W C, with C the task's (regularised) input
-covariance. For expert i with covariance C = C_eps of task i's inputs to the layer:
+covariance. For expert i, with C = C_eps of task i's inputs to the layer and C = L L^T (Cholesky):
 
-- Expert: dW_i C = U S V^T (context-oriented SVD); the expert is the projection U_k U_k^T dW_i of the
-  task difference onto the top-k context directions (PAVE's purification applied to dW_i), stored as
-  ``expert_u = U_k`` and ``expert_svh = U_k^T dW_i``. Among rank-k left projections it minimises
-  ||(dW_i - P dW_i) C||_F, the activated error on task i's inputs.
-- Router: with the Cholesky factor C = L L^T, whitened inputs are z = L^-1 x. dW_i L = U' S' V'^T and the
-  router rows are the leading whitened right singular directions mapped back to input space,
-  G_i = V'_g^T L^-1, so ||G_i x|| = ||V'_g^T z||: how strongly x, in task i's whitened coordinates,
-  excites the directions that carry task i's expected output change E||dW_i x||^2.
+- Expert, ``subspace="knowledge_aware"`` (PAVE's context-oriented basis): dW_i C = U S V^T and the
+  expert is the projection U_k U_k^T dW_i of the task difference onto the top-k context directions
+  (PAVE's purification applied to dW_i). Among rank-k left projections P it minimises
+  ||(dW_i - P dW_i) C||_F.
+- Expert, ``subspace="whitened"``: the same with dW_i L, minimising ||(dW_i - P dW_i) L||_F^2 =
+  E||(dW_i - P dW_i) x||^2 over task i's inputs, the expected squared output error itself.
+  Both are stored as ``expert_u = U_k``, ``expert_svh = U_k^T dW_i``.
+- Router (both): dW_i L = U' S' V'^T and the router rows are the leading whitened right singular
+  directions mapped back to input space, G_i = V'_g^T L^-1, so ||G_i x|| = ||V'_g^T z|| with
+  z = L^-1 x: how strongly x, in task i's whitened coordinates, excites the directions that carry
+  task i's expected output change E||dW_i x||^2. The rows are orthonormal under C: G_i C G_i^T = I.
 
-With C = I (L = I) both SVDs are the plain SVD of dW_i: U_k, V_g are bit-identical to plain SMILE's,
-and U_k^T dW_i equals S_k V_k^T up to rounding. Products with C are taken in float64 and cast to the
-SVD dtype (float32 for float32 weights, as plain SMILE), so C = I changes no bit of the SVD input.
+With C = I (L = I) every SVD is the plain SVD of dW_i: U_k and the router are bit-identical to plain
+SMILE's, and U_k^T dW_i equals S_k V_k^T up to rounding. Products with C or L are taken in float64 and
+cast to the SVD dtype (float32 for float32 weights, as plain SMILE), so C = I changes no bit of the
+SVD input.
 
 Rank allocation (``spectral``): every layer has one expert rank k_l shared by its T experts (the
 experts are stacked). Layers of the same shape (m, n) share the budget k * (number of such layers),
 split by PAVE's greedy spectral allocation (``pave.rank_allocation.allocate_layer``) over the
-layer spectra sqrt(mean_i (S_ij / S_i1)^2), so each rank unit costs T (m + n) parameters in every
-group and the total expert parameter count equals plain SMILE's at rank k exactly. Each layer keeps
-at least one component.
+layer spectra sqrt(mean_i (S_ij / S_i1)^2) of the expert SVDs, so each rank unit costs T (m + n)
+parameters in every group and the total expert parameter count equals plain SMILE's at rank k
+exactly. Each layer keeps at least one component.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from torch import Tensor
 from fusion_bench_pave.pave.rank_allocation import allocate_layer
 from fusion_bench_pave.smile.svd import SvdMethod, top_svd
 
-Subspace = Literal["plain", "knowledge_aware"]
+Subspace = Literal["plain", "knowledge_aware", "whitened"]
+SUBSPACES = ("plain", "knowledge_aware", "whitened")
 RankAllocation = Literal["uniform", "spectral"]
 
 
@@ -56,25 +61,38 @@ def whitening_factor(cov_eps: Tensor, name: str = "layer") -> Tensor:
     return factor
 
 
-def context_spectrum(dw: Tensor, cov_eps: Tensor | None) -> Tensor:
-    """Singular values of dW C_eps (of dW when ``cov_eps`` is None), in float64, descending."""
-    product = dw.to(torch.float64) if cov_eps is None else _times(dw, cov_eps, torch.float64)
+def expert_factor(cov_eps: Tensor, subspace: Subspace, name: str = "layer") -> Tensor:
+    """The right factor F of the expert SVD dW F: C_eps (knowledge_aware) or its Cholesky factor L (whitened)."""
+    if subspace == "knowledge_aware":
+        return cov_eps
+    if subspace == "whitened":
+        return whitening_factor(cov_eps, name)
+    raise ValueError(f"{name}: no covariance factor for subspace {subspace!r}; expected 'knowledge_aware' or 'whitened'")
+
+
+def context_spectrum(dw: Tensor, factor: Tensor | None) -> Tensor:
+    """Singular values of dW F (of dW when ``factor`` is None), in float64, descending."""
+    product = dw.to(torch.float64) if factor is None else _times(dw, factor, torch.float64)
     return torch.linalg.svdvals(product)
 
 
-def context_expert(dw: Tensor, cov_eps: Tensor, k: int, rank: int, svd_method: SvdMethod = "auto") -> tuple[Tensor, Tensor]:
-    """(U_k [m, k], U_k^T dW [k, n]) in ``dw``'s dtype from the top-``rank`` (>= k) SVD of dW C_eps.
+def context_expert(dw: Tensor, factor: Tensor, k: int, rank: int, svd_method: SvdMethod = "auto") -> tuple[Tensor, Tensor]:
+    """(U_k [m, k], U_k^T dW [k, n]) in ``dw``'s dtype from the top-``rank`` (>= k) SVD of dW F.
 
-    The projection U_k^T dW is accumulated in float64 (one rounding to ``dw``'s dtype).
+    ``factor`` F is C_eps or L (see :func:`expert_factor`). The projection U_k^T dW is accumulated
+    in float64 (one rounding to ``dw``'s dtype).
     """
-    t = top_svd(_times(dw, cov_eps, dw.dtype), rank, svd_method)
+    t = top_svd(_times(dw, factor, dw.dtype), rank, svd_method)
     u = t.u[:, :k]
     return u, _times(u.T, dw, dw.dtype)
 
 
-def whitened_router(source: Tensor, cov_eps: Tensor, gate_k: int, rank: int, svd_method: SvdMethod = "auto", name: str = "layer") -> Tensor:
-    """Router rows V'_g^T L^-1 [g, n] in ``source``'s dtype, from the top-``rank`` (>= g) SVD of source L."""
-    factor = whitening_factor(cov_eps, name)
+def whitened_router(source: Tensor, factor: Tensor, gate_k: int, rank: int, svd_method: SvdMethod = "auto") -> Tensor:
+    """Router rows V'_g^T L^-1 [g, n] in ``source``'s dtype, from the top-``rank`` (>= g) SVD of source L.
+
+    ``factor`` is the Cholesky factor L of C_eps (:func:`whitening_factor`).
+    """
+    factor = factor.to(source.device, torch.float64)
     t = top_svd(_times(source, factor, source.dtype), rank, svd_method)
     rows = torch.linalg.solve_triangular(factor.T, t.v[:, :gate_k].to(torch.float64), upper=True)
     return rows.T.to(source.dtype)

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
-from fusion_bench_pave.smile.knowledge_aware import RankAllocation, Subspace, allocate_expert_ranks, context_spectrum, layer_spectrum
+from fusion_bench_pave.smile.knowledge_aware import SUBSPACES, RankAllocation, Subspace, allocate_expert_ranks, context_spectrum, expert_factor, layer_spectrum
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.svd import SvdMethod
 
@@ -99,15 +99,15 @@ def upscale_model(
     modules (norms, embeddings, convs) by the fine-tuned average. Raises ``ValueError`` for
     T=0, mismatched architectures or shapes, ranks out of range, or when no layer changed.
 
-    ``subspace="knowledge_aware"`` builds expert i of each layer from ``covariance(i, layer)``
-    (layers it returns None for stay plain); ``rank_allocation="spectral"`` replaces the uniform
+    ``subspace="knowledge_aware"`` or ``"whitened"`` builds expert i of each layer from
+    ``covariance(i, layer)`` (layers it returns None for stay plain); ``rank_allocation="spectral"`` replaces the uniform
     expert rank ``k`` by per-layer ranks with the same total parameter count (see
-    :mod:`fusion_bench_pave.smile.knowledge_aware`; spectra of dW C, or of dW when plain).
+    :mod:`fusion_bench_pave.smile.knowledge_aware`; spectra of dW C, dW L or dW).
     """
-    if subspace not in ("plain", "knowledge_aware"):
-        raise ValueError(f"subspace must be 'plain' or 'knowledge_aware', got {subspace!r}")
-    if subspace == "knowledge_aware" and covariance is None:
-        raise ValueError("subspace='knowledge_aware' needs the tasks' input covariances (covariance=...)")
+    if subspace not in SUBSPACES:
+        raise ValueError(f"subspace must be one of {SUBSPACES}, got {subspace!r}")
+    if subspace != "plain" and covariance is None:
+        raise ValueError(f"subspace={subspace!r} needs the tasks' input covariances (covariance=...)")
     if rank_allocation not in ("uniform", "spectral"):
         raise ValueError(f"rank_allocation must be 'uniform' or 'spectral', got {rank_allocation!r}")
     if rank_allocation == "spectral" and k <= 0:
@@ -154,12 +154,14 @@ def upscale_model(
             covs = covs_of(name) or [None] * len(experts)
             dev = compute_device or module.weight.device
             w0 = module.weight.to(dev, torch.float64)
-            spectra[name] = layer_spectrum([context_spectrum(e.weight.to(dev, torch.float64) - w0, c) for e, c in zip(experts, covs)])
+            factors = [None if c is None else expert_factor(c, subspace, name) for c in covs]
+            spectra[name] = layer_spectrum([context_spectrum(e.weight.to(dev, torch.float64) - w0, f) for e, f in zip(experts, factors)])
         ranks = allocate_expert_ranks(spectra, {name: tuple(module.weight.shape) for name, module, _ in plan}, k)
     for name, module, experts in tqdm(plan, desc="SMILE upscaling", disable=not progress, dynamic_ncols=True, leave=False):
         tensors = smile_tensors(
             module.weight, [e.weight for e in experts], module.bias, [e.bias for e in experts],
-            gate_k, ranks[name], routing_use_diff, svd_method, compute_device, dtype, name=name, covs=covs_of(name),
+            gate_k, ranks[name], routing_use_diff, svd_method, compute_device, dtype, name=name,
+            covs=covs_of(name), subspace=subspace,
         )
         smile = SmileLinear(
             module.in_features, module.out_features, len(finetuned), gate_k, ranks[name], top_k,
