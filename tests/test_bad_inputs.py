@@ -223,6 +223,8 @@ ROWS = [
      ValueError, r"merger needs a `_target_`"),
     ("pave: merger that is not an algorithm", pave_row(merger={"_target_": "torch.nn.Linear"}),
      ValueError, r"merger\._target_='torch\.nn\.Linear' has no run\(modelpool\) method"),
+    ("pave: merger instantiated by a recursive instantiate", pave_row(merger=instantiate(TA)),
+     ValueError, r"merger must be a config with `_target_`, got an instantiated TaskArithmeticAlgorithm"),
     ("pave: unknown allocation", pave_row(allocation="greedy"),
      ValueError, r"allocation must be one of per_layer, per_model, uniform; got 'greedy'"),
     ("pave: unknown accumulate dtype", pave_row(accumulate_dtype="float16"),

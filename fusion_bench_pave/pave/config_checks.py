@@ -15,6 +15,11 @@ REGULARIZATIONS = ("doubling", "relative")
 
 def check_merger(merger: Any) -> None:
     """The nested merger config names an importable class with a ``run`` method."""
+    if not isinstance(merger, Mapping) and callable(getattr(merger, "run", None)):
+        raise ValueError(
+            f"merger must be a config with `_target_`, got an instantiated {type(merger).__name__}; "
+            "instantiate PAVE with _recursive_=false (as fusion_bench does) so PAVE builds the merger itself"
+        )
     target = merger.get("_target_") if isinstance(merger, Mapping) else None
     if not target:
         raise ValueError(f"merger needs a `_target_` (e.g. fusion_bench.method.TiesMergingAlgorithm), got {merger!r}")
