@@ -128,7 +128,7 @@ def test_kill_while_saving_a_smile_model_leaves_the_old_model_or_nothing(tmp_pat
     proc = start(SMILE_WRITER, str(target), "2", pause="smile")
     wait_until(proc, stopped(proc))
     (staging,) = staging_of(target)
-    assert sorted(p.name for p in staging.iterdir()) == ["model.safetensors", "smile.json"]
+    assert sorted(p.name for p in staging.iterdir()) == ["smile.json", "smile.safetensors"]
     kill(proc)
     if old:
         assert_same(smile_weights(target), before)

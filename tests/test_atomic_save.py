@@ -3,6 +3,7 @@ both directly and through FusionBench's program (merged_model_save_path / merged
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, CLIPVision
 from fusion_bench import modelpool as fusion_bench_pools
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.utils import instantiate
+from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
+from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
 from fusion_bench_pave.modelpool import (
     CausalLMPool,
     CLIPVisionModelPool,
@@ -126,3 +129,31 @@ def test_cli_refuses_an_existing_merged_model_path_before_merging_and_overwrites
     assert "precious.txt" not in os.listdir(out)
     assert_same_weights(CLIPVisionModel.from_pretrained(out), TaskArithmeticAlgorithm(scaling_factor=0.5).run(tiny_pool("clip")))
     assert sorted(os.listdir(tmp_path)) == ["logs", "merged"]
+
+
+def test_smile_models_are_saved_in_a_format_that_reloads_them(tmp_path):
+    """from_pretrained would silently drop SMILE experts of a CLIP model: the pool writes SMILE's
+    own format instead; SMILE causal LMs (own config class) keep the Hugging Face format."""
+    pool = tiny_pool("clip")
+    smile = SmileUpscalingAlgorithm(gate_k=2, k=4).run(pool)
+    pool.save_model(smile, str(tmp_path / "smile"))
+    assert sorted(os.listdir(tmp_path / "smile")) == ["smile.json", "smile.safetensors"]
+    assert_same_weights(load_smile_model(pool.load_pretrained_model(), tmp_path / "smile"), smile)
+    with pytest.raises(OSError):
+        CLIPVisionModel.from_pretrained(tmp_path / "smile")
+
+    lm_pool = tiny_pool("mistral")
+    smile_lm = SmileMistralUpscalingAlgorithm(rank_of_router=2, rank_of_expert=4).run(lm_pool)
+    lm_pool.save_model(smile_lm, str(tmp_path / "smile_lm"))
+    assert (tmp_path / "smile_lm" / "config.json").is_file()
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "smile_lm"), smile_lm)
+
+
+def test_format_1_smile_checkpoints_still_load(tmp_path):
+    pool = tiny_pool("clip")
+    smile = SmileUpscalingAlgorithm(gate_k=2, k=4).run(pool)
+    save_smile_model(smile, tmp_path / "v1")
+    (tmp_path / "v1" / "smile.safetensors").rename(tmp_path / "v1" / "model.safetensors")
+    manifest = json.loads((tmp_path / "v1" / "smile.json").read_text())
+    (tmp_path / "v1" / "smile.json").write_text(json.dumps({**manifest, "format": "fusion_bench_pave.smile/1"}))
+    assert_same_weights(load_smile_model(pool.load_pretrained_model(), tmp_path / "v1"), smile)

@@ -136,7 +136,7 @@ def not_a_smile_checkpoint(tmp_path):
 def corrupt_smile_checkpoint(tmp_path):
     out = tmp_path / "smile"
     SmileUpscalingAlgorithm(gate_k=2, k=4, model_path=str(out)).run(BaseModelPool(clip_family()))
-    truncate(out / "model.safetensors")
+    truncate(out / "smile.safetensors")
     SmileUpscalingAlgorithm(gate_k=2, k=4, model_path=str(out)).run(BaseModelPool(clip_family()))
 
 
@@ -256,9 +256,9 @@ ROWS = [
     ("smile: unknown SVD method", smile_row(clip_family, svd_method="lanczos"),
      ValueError, r"unknown SVD method 'lanczos'"),
     ("smile: model_path is not a SMILE checkpoint", not_a_smile_checkpoint,
-     FileNotFoundError, r"smile is not a SMILE checkpoint \(expected smile\.json and model\.safetensors\)"),
+     FileNotFoundError, r"smile is not a SMILE checkpoint \(expected smile\.json and smile\.safetensors\)"),
     ("smile: corrupt saved checkpoint", corrupt_smile_checkpoint,
-     ValueError, r"smile/model\.safetensors: corrupt or truncated safetensors file"),
+     ValueError, r"smile/smile\.safetensors: missing, corrupt or truncated safetensors file"),
     ("smile: output directory exists", existing_smile_output,
      FileExistsError, r"smile already exists; pass overwrite=true to replace it"),
     # SMILE causal LM

@@ -134,7 +134,7 @@ def test_algorithm_saves_and_reloads_identically(tmp_path, clip_family):
     pool = lambda: BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"m{i}": copy.deepcopy(m) for i, m in enumerate(fts)}})  # noqa: E731
     path = tmp_path / "smile"
     first = SmileUpscalingAlgorithm(gate_k=2, k=4, top_k=2, average_experts=True, model_path=str(path)).run(pool()).eval()
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "smile.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["smile.json", "smile.safetensors"]
     again = SmileUpscalingAlgorithm(gate_k=2, k=4, top_k=2, model_path=str(path)).run(pool()).eval()  # cache hit
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -10,12 +10,16 @@ to the pool, i.e. before any merging, not after it.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from torch import nn
 
 from fusion_bench_pave.atomic import atomic_output_dir, refuse_existing
+from fusion_bench_pave.smile.io import needs_smile_format, write_smile_files
+
+log = logging.getLogger(__name__)
 
 
 def program_save_target(program: Any) -> tuple[str, bool] | None:
@@ -32,7 +36,8 @@ def program_save_target(program: Any) -> tuple[str, bool] | None:
 
 class AtomicSaveMixin:
     """``save_model(model, path, overwrite=False, **kwargs)``: the base pool's save, written to a
-    staging directory that replaces ``path`` only once complete."""
+    staging directory that replaces ``path`` only once complete. A SMILE-upscaled model of an
+    architecture whose ``from_pretrained`` would ignore the experts is written in SMILE's format."""
 
     _attached_program: Any = None
 
@@ -51,4 +56,12 @@ class AtomicSaveMixin:
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub is not supported by atomic saving; save locally, then upload the directory")
         with atomic_output_dir(os.path.expanduser(path), overwrite) as staging:
-            super().save_model(model, str(staging), *args, **kwargs)
+            if needs_smile_format(model):
+                log.warning(
+                    f"{path}: SMILE model saved as smile.json + smile.safetensors (no config.json, so "
+                    "from_pretrained cannot silently drop the experts); reload it with "
+                    "fusion_bench_pave.smile.io.load_smile_model(pretrained_model, path)"
+                )
+                write_smile_files(model, staging)
+            else:
+                super().save_model(model, str(staging), *args, **kwargs)

@@ -1,8 +1,12 @@
 """Saving and reloading upscaled SMILE models as safetensors, written atomically.
 
-A generic (non-HF-config) SMILE model is stored as ``model.safetensors`` plus ``smile.json``
+A generic (non-HF-config) SMILE model is stored as ``smile.safetensors`` plus ``smile.json``
 listing every ``SmileLinear`` and its shape; reloading rebuilds those modules inside a fresh copy
 of the pretrained architecture and loads the weights strictly (no pickles, no ``torch.load``).
+The directory deliberately has neither ``config.json`` nor ``model.safetensors``: a plain
+``from_pretrained`` fails on it instead of loading the pretrained weights and dropping the experts
+(transformers falls back to a default config, which is CLIP ViT-B/32's). Format 1 checkpoints
+(weights in ``model.safetensors``) still load.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.upscale import set_module
 
 MANIFEST = "smile.json"
-WEIGHTS = "model.safetensors"
-FORMAT = "fusion_bench_pave.smile/1"
+WEIGHTS = "smile.safetensors"
+FORMAT = "fusion_bench_pave.smile/2"
+WEIGHTS_OF_FORMAT = {FORMAT: WEIGHTS, "fusion_bench_pave.smile/1": "model.safetensors"}
 
 
 def smile_manifest(model: nn.Module) -> dict:
@@ -36,16 +41,28 @@ def smile_manifest(model: nn.Module) -> dict:
     return {"format": FORMAT, "modules": modules}
 
 
+def needs_smile_format(model: nn.Module) -> bool:
+    """True for a model with ``SmileLinear`` layers that its own ``from_pretrained`` cannot rebuild
+    (any architecture except the registered SMILE causal LMs, whose config describes the experts)."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    return not model_type.startswith("smile_") and any(isinstance(m, SmileLinear) for m in model.modules())
+
+
+def write_smile_files(model: nn.Module, directory: Path) -> None:
+    """The weights and the manifest of ``model`` into the existing ``directory``."""
+    safetensors.torch.save_model(model, str(directory / WEIGHTS))
+    (directory / MANIFEST).write_text(json.dumps(smile_manifest(model), indent=2))
+
+
 def save_smile_model(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` (state dict as safetensors + manifest) to the directory ``path`` atomically."""
     with atomic_output_dir(path, overwrite) as tmp:
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
-        (tmp / MANIFEST).write_text(json.dumps(smile_manifest(model), indent=2))
+        write_smile_files(model, tmp)
     return Path(path)
 
 
 def is_smile_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file() and (Path(path) / WEIGHTS).is_file()
+    return (Path(path) / MANIFEST).is_file() and any((Path(path) / w).is_file() for w in WEIGHTS_OF_FORMAT.values())
 
 
 def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -54,15 +71,16 @@ def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not is_smile_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a SMILE checkpoint (expected {MANIFEST} and {WEIGHTS})")
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in WEIGHTS_OF_FORMAT:
         raise ValueError(f"{path / MANIFEST}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}")
+    weights = path / WEIGHTS_OF_FORMAT[manifest["format"]]
     for name, spec in manifest["modules"].items():
         old = base.get_submodule(name)
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}), base model has {old}")
         set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
     try:
-        safetensors.torch.load_model(base, str(path / WEIGHTS), strict=True)
-    except safetensors.SafetensorError as error:
-        raise ValueError(f"{path / WEIGHTS}: corrupt or truncated safetensors file ({error}); delete it and upscale again") from error
+        safetensors.torch.load_model(base, str(weights), strict=True)
+    except (safetensors.SafetensorError, FileNotFoundError) as error:
+        raise ValueError(f"{weights}: missing, corrupt or truncated safetensors file ({error}); delete {path} and upscale again") from error
     return base
