@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 #: Test hook: when set to a target's file name, the writer stops itself (SIGSTOP) with that target's
 #: staging file or directory fully written but not yet renamed, so a test can kill a save there.
@@ -60,8 +60,9 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[IO]:
-    """Open a staging file that replaces ``path`` (fsynced) only if the block succeeds.
+def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True, **open_kwargs: Any) -> Iterator[IO]:
+    """Open (``os.fdopen(fd, mode, **open_kwargs)``) a staging file that replaces ``path`` (fsynced)
+    only if the block succeeds.
 
     ``overwrite=False`` refuses an existing ``path``. On failure ``path`` keeps its old content.
     """
@@ -71,7 +72,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tru
     remove_stale_staging(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_staging_prefix(path)}{os.getpid()}-")
     try:
-        with os.fdopen(fd, mode) as handle:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

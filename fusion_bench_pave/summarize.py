@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from fusion_bench_pave.atomic import atomic_file, atomic_write_text
+
 REPORT_NAME = "program_report.json"
 NON_TASK_KEYS = {"model_info", "average"}
 
@@ -168,7 +170,8 @@ def plot(jobs: list[Job], metric: str, x_key: str | None, path: Path) -> str:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
     return x_key
 
@@ -195,8 +198,8 @@ def summarize(sweep_dir: Path, metric: str = "average.accuracy", x_key: str | No
     markdown += f"\nSorted by `{metric}`, best first.\n"
     if missing:
         markdown += f"Jobs without a report (failed or unfinished): {', '.join(missing)}\n"
-    (out_dir / "summary.md").write_text(markdown)
-    with open(out_dir / "summary.csv", "w", newline="") as handle:
+    atomic_write_text(out_dir / "summary.md", markdown)
+    with atomic_file(out_dir / "summary.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([header, *([_cell(v) for v in row] for row in rows)])
     plot(jobs, metric, x_key, out_dir / "summary.png")
     return markdown
