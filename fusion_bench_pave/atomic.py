@@ -1,9 +1,10 @@
 """Atomic outputs: every file or directory this package writes appears complete or not at all.
 
 Work happens in a staging sibling (same filesystem, so the final ``os.replace`` is atomic) whose
-name records the writer's pid: ``.<name>.tmp-<pid>-<random>``. A run killed mid-write leaves only
+name records the writer: ``.<name>.tmp-<host>-<pid>-<random>``. A run killed mid-write leaves only
 such a hidden sibling, never a half-written target, and the next write to the same target removes
-the siblings whose writer is gone.
+the siblings of writers on this host that are gone (a shared filesystem's other hosts are left
+alone: their pids mean nothing here).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,11 @@ def _staging_prefix(path: Path) -> str:
     return f".{path.name}.tmp-"
 
 
+def _writer_prefix(path: Path, tag: str = "") -> str:
+    """Staging-name prefix of this process; ``mkstemp``/``mkdtemp`` append a dash-free suffix."""
+    return f"{_staging_prefix(path)}{socket.gethostname()}-{os.getpid()}-{tag}"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -37,14 +44,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
-    """Delete the staging siblings of ``path`` left by writers that no longer run; return them."""
+    """Delete the staging siblings of ``path`` left by writers on this host that no longer run."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
         return removed
     for entry in path.parent.glob(_staging_prefix(path) + "*"):
-        pid = entry.name[len(_staging_prefix(path)) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        parts = entry.name[len(_staging_prefix(path)) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid != os.getpid() and not _pid_alive(pid):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -70,7 +80,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tru
     refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_staging_prefix(path)}{os.getpid()}-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_writer_prefix(path))
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
@@ -102,7 +112,7 @@ def publish_dir(staging: Path, path: Path) -> None:
     absent (never mixed); the old copy is then deleted."""
     _maybe_pause(path)
     if path.exists() or path.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-old-", dir=path.parent))
+        old = Path(tempfile.mkdtemp(prefix=_writer_prefix(path, "old"), dir=path.parent))
         os.replace(path, old / path.name)
         os.replace(staging, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -120,7 +130,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(path)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(path), dir=path.parent))
     try:
         yield staging
         publish_dir(staging, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -69,19 +70,22 @@ def test_dir_refuses_replaces_and_rolls_back(tmp_path):
     assert listing(tmp_path) == ["out"] and listing(target) == ["v"]
 
 
-def test_staging_of_dead_writers_is_removed_and_live_ones_are_kept(tmp_path):
-    target = tmp_path / "model"
+def test_staging_of_dead_writers_on_this_host_is_removed_and_others_are_kept(tmp_path):
+    target, host = tmp_path / "model", socket.gethostname()
     dead, live = dead_pid(), os.getppid()
-    (tmp_path / f".model.tmp-{dead}-abc").mkdir()
-    (tmp_path / f".model.tmp-{dead}-def").write_text("partial")
-    (tmp_path / f".model.tmp-{live}-ghi").mkdir()
-    (tmp_path / f".other.tmp-{dead}-jkl").mkdir()
-    assert sorted(p.name for p in remove_stale_staging(target)) == [f".model.tmp-{dead}-abc", f".model.tmp-{dead}-def"]
-    assert listing(tmp_path) == [f".model.tmp-{live}-ghi", f".other.tmp-{dead}-jkl"]
-    (tmp_path / f".model.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".model.tmp-{host}-{dead}-abc").mkdir()
+    (tmp_path / f".model.tmp-{host}-{dead}-olddef").write_text("partial")
+    kept = [f".model.tmp-{host}-{live}-ghi", f".model.tmp-other-host-{dead}-jkl", f".other.tmp-{host}-{dead}-mno"]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    removed = sorted(p.name for p in remove_stale_staging(target))
+    assert removed == [f".model.tmp-{host}-{dead}-abc", f".model.tmp-{host}-{dead}-olddef"]
+    assert listing(tmp_path) == sorted(kept)
+    (tmp_path / f".model.tmp-{host}-{dead}-abc").mkdir()
     with atomic_output_dir(target) as staging:  # every write cleans up first
+        assert staging.name.startswith(f".model.tmp-{host}-{os.getpid()}-")
         (staging / "w").write_text("1")
-    assert listing(tmp_path) == [f".model.tmp-{live}-ghi", f".other.tmp-{dead}-jkl", "model"]
+    assert listing(tmp_path) == sorted([*kept, "model"])
 
 
 def test_refuse_existing_accepts_missing_paths_and_overwrite(tmp_path):
