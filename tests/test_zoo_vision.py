@@ -210,8 +210,11 @@ def test_trimmed_build_round_trips_through_fusion_bench_pools(trimmed_zoo):
         assert report[task]["accuracy"] == pytest.approx(oracle, abs=1e-6)
         assert pretrained_report[task]["accuracy"] == pytest.approx(
             zero_shot_accuracy(clip_model, processor, task, images, labels), abs=1e-6)
-        # fine-tuning moved the vision tower only, through the frozen head of the pretrained model
-        assert info["finetuned_val"][task] > info["zero_shot_val"][task], (task, info)
+        # fine-tuning through the frozen head of the pretrained text tower learned its training rows
+        train_images, train_labels = splits["train"]
+        before = zero_shot_accuracy(clip_model, processor, task, train_images, train_labels)
+        after = zero_shot_accuracy(clip_model, processor, task, train_images, train_labels, vision_model=finetuned)
+        assert after >= before + 0.2, (task, before, after)
 
 
 # ------------------------------------------------------------ installer
