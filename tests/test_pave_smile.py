@@ -205,3 +205,26 @@ def test_algorithm_collects_and_caches_covariances(tmp_path):
     assert not torch.allclose(out, plain(pixel_values=x).last_hidden_state, atol=1e-4)
     with pytest.raises(ValueError, match="regularization must be"):
         SmileUpscalingAlgorithm(gate_k=2, k=4, subspace="knowledge_aware", covariance={**settings, "regularization": "ridge"}).run(make_pool("clip"))
+
+
+@pytest.mark.slow
+def test_cli_knowledge_aware_on_tiny_clip(tmp_path):
+    import json
+
+    from conftest import REPO_ROOT, run_fusion_bench
+
+    from fusion_bench_pave.smile.io import MANIFEST
+
+    log_dir, saved, cov = tmp_path / "logs", tmp_path / "smile", tmp_path / "cov"
+    run_fusion_bench(["method=smile_upscaling", "method.gate_k=2", "method.k=4", "method.subspace=knowledge_aware",
+                      "method.rank_allocation=spectral", "method.covariance.num_samples=32", f"method.covariance.cache_dir={cov}",
+                      f"method.model_path={saved}", "modelpool=tiny_clip", "taskpool=tiny_clip", f"path.log_dir={log_dir}",
+                      "print_config=false"], cwd=REPO_ROOT)
+    assert (log_dir / "program_report.json").is_file()
+    assert len(list(cov.glob("pave_cov_*.pt"))) == 3
+    modules = json.loads((saved / MANIFEST).read_text())["modules"]
+    # 2 layers x (q, k, v, out_proj: 32x32; fc1: 64x32; fc2: 32x64): each shape group keeps k = 4 per layer on average
+    groups: dict[tuple[int, int], list[int]] = {}
+    for spec in modules.values():
+        groups.setdefault((spec["out_features"], spec["in_features"]), []).append(spec["k"])
+    assert {shape: sum(ks) / len(ks) for shape, ks in groups.items()} == {(32, 32): 4, (64, 32): 4, (32, 64): 4}
