@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 import torch
+from datasets import Dataset
 from hydra.errors import MissingConfigException
 from torch import nn
 
@@ -188,6 +189,13 @@ def save_over_existing_model(tmp_path):
     pool.save_model(pool.load_model("topic"), str(tmp_path / "merged"))
 
 
+def evaluate_on_an_empty_test_split(tmp_path):
+    """(In memory: datasets' own load_from_disk cannot even reload an empty split.)"""
+    taskpool = instantiate(compose_fusion_bench(["taskpool=tiny_t5"]).taskpool)
+    taskpool.test_datasets = {"topic": Dataset.from_dict({"text": [], "label": []})}
+    taskpool.evaluate(zoo_pool("t5").load_pretrained_model())
+
+
 ROWS = [
     # PAVE: pool contents
     ("pave: fine-tuned model of another architecture", pave_row(lambda p: p._models.__setitem__("task1", tiny_t5())),
@@ -279,6 +287,8 @@ ROWS = [
      FileExistsError, r"merged already exists; pass overwrite=true to replace it"),
     ("pool: save over an existing model", save_over_existing_model,
      FileExistsError, r"merged already exists; pass overwrite=true to replace it"),
+    ("taskpool: empty test dataset", evaluate_on_an_empty_test_split,
+     ValueError, r"task 'topic': its test dataset is empty \(0 rows\); nothing to evaluate"),
     ("cli: unknown method name", lambda tmp_path: compose_fusion_bench(["method=pave_tie"]),
      MissingConfigException, r"Could not find 'method/pave_tie'"),
     ("cli: unknown model pool name", lambda tmp_path: compose_fusion_bench(["modelpool=tiny_vit"]),
@@ -314,5 +324,5 @@ def test_an_unreadable_covariance_cache_is_recomputed(tmp_path, caplog):
 def test_table_covers_every_entry_point():
     ids = [row[0] for row in ROWS]
     assert len(ids) == len(set(ids))
-    for prefix in ["pave:", "rank allocator:", "smile:", "smile layer:", "smile mistral:", "pool:", "program:", "cli:"]:
+    for prefix in ["pave:", "rank allocator:", "smile:", "smile layer:", "smile mistral:", "pool:", "program:", "taskpool:", "cli:"]:
         assert any(i.startswith(prefix) for i in ids), prefix

@@ -24,6 +24,8 @@ def evaluate_tasks(
     """``score(module, task, dataset) -> {"accuracy", "loss"}`` for every task, each with the module
     that computes it (``for_task``), plus ``model_info`` and the task average, as FusionBench's CLIP
     task pool reports them."""
+    if not datasets:
+        raise ValueError("the task pool has no test datasets; set `test_datasets` in the taskpool config")
     trainable, total = count_parameters(model)
     report: dict[str, Any] = {"model_info": {"trainable_params": trainable, "all_params": total}}
     if name is not None:
@@ -31,6 +33,8 @@ def evaluate_tasks(
     for task, dataset in datasets.items():
         if isinstance(dataset, (dict, DictConfig)):
             dataset = instantiate(dataset)
+        if len(dataset) == 0:
+            raise ValueError(f"task '{task}': its test dataset is empty (0 rows); nothing to evaluate")
         report[task] = score(for_task(model, task), task, dataset)
         log.info(f"{task}: {report[task]}")
     tasks = [v for k, v in report.items() if k != "model_info"]
