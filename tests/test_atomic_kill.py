@@ -22,7 +22,7 @@ from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils import instantiate
 from fusion_bench_pave.atomic import PAUSE_ENV, atomic_write_text
-from fusion_bench_pave.pave.cache import CovarianceCache, cache_key
+from fusion_bench_pave.pave.cache import CovarianceCache
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
