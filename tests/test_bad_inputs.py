@@ -314,11 +314,11 @@ def test_an_unreadable_covariance_cache_is_recomputed(tmp_path, caplog):
     for file in tmp_path.glob("pave_cov_*.pt"):
         truncate(file)
     second = pave(cache_dir=str(tmp_path)).run(make_pool("clip"))
-    assert second["pave"]["covariance_cache_hits"] == []
+    assert second["pave"]["covariance_cache_hits"] == 0
     assert "ignoring unreadable covariance cache" in caplog.text
     for key, value in first.state_dict().items():
         assert torch.equal(second["model"].state_dict()[key], value), key
-    assert pave(cache_dir=str(tmp_path)).run(make_pool("clip"))["pave"]["covariance_cache_hits"] == ["task0", "task1", "task2"]
+    assert pave(cache_dir=str(tmp_path)).run(make_pool("clip"))["pave"]["covariance_cache_hits"] == 3
 
 
 def test_table_covers_every_entry_point():

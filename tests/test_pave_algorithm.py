@@ -87,8 +87,8 @@ def test_rho_one_dare_ties_matches_fusion_bench_dare_ties(linear_only):
 def test_purified_task_arithmetic_matches_independent_recomputation():
     pool = make_pool("mistral")
     algo = pave(TA, rho=0.8)
-    result = algo.run(pool)
-    merged, extras = result["model"], result["pave"]
+    merged = algo.run(pool)["model"]
+    extras = algo.extras
     oracle = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("mistral"))
     pretrained = make_pool("mistral").load_pretrained_model().state_dict()
     fresh = make_pool("mistral")
@@ -145,7 +145,9 @@ def test_bf16_pool():
 def test_allocations_and_report_files(tmp_path):
     algo = pave(TA, rho=0.75, allocation="per_model")
     algo.fabric = Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(tmp_path)))
-    extras = algo.run(make_pool("clip"))["pave"]
+    summary = algo.run(make_pool("clip"))["pave"]
+    extras = algo.extras
+    assert "ranks" not in summary and summary["kept_ratio"] == extras["kept_ratio"]  # table only in the file
     log_dir = algo.log_dir
     assert os.path.getsize(os.path.join(log_dir, "pave_ranks.png")) > 1000
     with open(os.path.join(log_dir, "pave_report.json")) as f:
@@ -153,8 +155,9 @@ def test_allocations_and_report_files(tmp_path):
     for task, ranks in extras["ranks"].items():  # per_model: one ratio per model, all layers 32 wide
         assert len(set(ranks.values())) == 1
     assert extras["covariance_time_s"] > 0 and extras["purification_time_s"] > 0
-    uniform = pave(TA, rho=0.75, allocation="uniform").run(make_pool("clip"))["pave"]
-    assert {r for ranks in uniform["ranks"].values() for r in ranks.values()} == {24}
+    uniform = pave(TA, rho=0.75, allocation="uniform")
+    uniform.run(make_pool("clip"))
+    assert {r for ranks in uniform.extras["ranks"].values() for r in ranks.values()} == {24}
 
 
 # ------------------------------------------------------------------------ cache
@@ -167,8 +170,10 @@ def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch
         raise AssertionError("covariance recollected despite a cache hit")
 
     monkeypatch.setattr(pave_algorithm, "collect_covariance", no_collection)
-    second = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))
-    assert second["pave"]["covariance_cache_hits"] == ["task0", "task1", "task2"]
+    algo = pave(TIES, rho=0.8, cache_dir=str(tmp_path))
+    second = algo.run(make_pool("clip"))
+    assert second["pave"]["covariance_cache_hits"] == 3
+    assert algo.extras["covariance_cache_hits"] == ["task0", "task1", "task2"]
     assert_state_dicts_equal(first, second["model"])
     with pytest.raises(AssertionError, match="recollected"):  # a different key misses
         pave(TIES, rho=0.8, num_samples=8, cache_dir=str(tmp_path)).run(make_pool("clip"))

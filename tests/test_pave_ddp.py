@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
     if fabric.global_rank == 0:
         torch.save(
             {{"xtx": stats.xtx, "count": stats.count, "merged": result["model"].state_dict(),
-              "ranks": result["pave"]["ranks"], "world": fabric.world_size}},
+              "ranks": algo.extras["ranks"], "world": fabric.world_size}},
             sys.argv[1],
         )
     """
@@ -64,6 +64,6 @@ def test_ddp_two_cpu_processes_equal_single_process(tmp_path):
         torch.testing.assert_close(ddp["xtx"][key], value, rtol=1e-9, atol=1e-9)
 
     result = algo.run(make_pool("t5"))
-    assert ddp["ranks"] == result["pave"]["ranks"]
+    assert ddp["ranks"] == algo.extras["ranks"]
     for key, value in result["model"].state_dict().items():
         torch.testing.assert_close(ddp["merged"][key], value, rtol=1e-6, atol=1e-6)

@@ -33,7 +33,9 @@ def test_pave_sweep_keeps_every_report_shares_the_cache_and_summarizes(tmp_path)
         seen.add((overrides["method.rho"], overrides["method.merger.scaling_factor"]))
         # statistics are collected by the first job only; every later job reads them from the cache
         expected_hits = [] if job == 0 else ["sentiment", "topic", "weather"]
-        assert report["pave"]["covariance_cache_hits"] == expected_hits
+        assert report["pave"]["covariance_cache_hits"] == len(expected_hits)
+        pave_report = json.loads((sweep / str(job) / "pave_report.json").read_text())
+        assert pave_report["covariance_cache_hits"] == expected_hits
     assert seen == {("0.8", "0.3"), ("0.8", "0.6"), ("0.9", "0.3"), ("0.9", "0.6")}
 
     summarize = Path(sys.executable).with_name("fusion-bench-pave-summarize")  # the console script

@@ -97,10 +97,13 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
                 the raw deltas before purification (seeded with `seed`).
             seed: seed of calibration sampling and DARE.
             cache_dir: directory of the covariance cache (None disables it).
-            report_extras: return {"model": merged, "pave": extras} so extras reach the report.
+            report_extras: return {"model": merged, "pave": summary} so a summary of the extras
+                reaches the program's report (see `report_summary`). The full extras, with every
+                (task, layer) rank, are in `self.extras` and in pave_report.json in the log dir.
         """
         super().__init__(**kwargs)
         self._cache_hits: list[str] = []  # tasks whose covariance came from the cache in this run
+        self.extras: dict[str, Any] = {}  # of the last run: see report_summary
         self._preprocessor_object: Any = None
 
     # ------------------------------------------------------------------ run
@@ -137,13 +140,14 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "full_ranks": full_ranks,
             "ranks": ranks,
         }
+        self.extras = extras
         self.write_extras(extras)
         if not self.report_extras:
             return merged
         if getattr(self._program, "merged_model_save_path", None):
             log.info("merged model will be saved by the program: PAVE extras only in pave_report.json")
             return merged
-        return {"model": merged, "pave": extras}
+        return {"model": merged, "pave": report_summary(extras)}
 
     # ---------------------------------------------------------- covariance
     @property
@@ -331,6 +335,16 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         atomic_write_text(os.path.join(log_dir, "pave_report.json"), json.dumps(extras, indent=2))
         if extras["full_ranks"]:
             save_rank_heatmap(extras["ranks"], extras["full_ranks"], os.path.join(log_dir, "pave_ranks.png"))
+
+
+def report_summary(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of PAVE's extras that goes into the program's report: settings, times, cache hits
+    and each task's kept-rank ratio. The per-(task, layer) rank table would be hundreds of lines on
+    a real model, so it stays in pave_report.json; cache hits are a count, since FusionBench's report
+    printer fails on an empty list."""
+    summary = {k: v for k, v in extras.items() if k not in ("full_ranks", "ranks", "covariance_cache_hits")}
+    summary["covariance_cache_hits"] = len(extras["covariance_cache_hits"])
+    return summary
 
 
 def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> None:
