@@ -10,8 +10,9 @@ Layout (``<cache>/zoo/clip-v<RECIPE>/``), the same as FusionBench's CLIP task-ar
 
 No CLIP weights install offline, so the model is pretrained here (clip_pretrain: Fashion-MNIST rows
 reserved for it, with the five "tops" classes captioned only as "top"; rendered digits; crops of
-photographs no task uses). Fine-tuning follows the CLIP task-arithmetic protocol: only
-the vision tower is trained, through the frozen zero-shot head of the pretrained text tower.
+photographs no task uses). Fine-tuning follows the CLIP task-arithmetic protocol: only the vision
+tower is trained (its attention and MLP weights), through the frozen zero-shot head of the
+pretrained text tower.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fusion_bench_pave.zoo import image_tasks
 from fusion_bench_pave.zoo.clip_pretrain import pixel_values, pretrain_clip, render_digits
 from fusion_bench_pave.zoo.image_tasks import IMAGE_TASKS, SIZE, load_image_task
 
-RECIPE = 2
+RECIPE = 3
 
 
 @dataclass
@@ -162,9 +163,41 @@ def zero_shot_accuracy(clip_model, processor, task: str, images: np.ndarray, lab
     return (logits.argmax(-1).numpy() == labels).mean().item()
 
 
+def trains(name: str) -> bool:
+    """Whether fine-tuning trains a vision-tower parameter: the encoder's attention and MLP weights.
+    Embeddings and LayerNorms stay pretrained (on recipe 2's validation split this raised the best
+    Task Arithmetic merge from 40.8% to 44.4% at equal individual accuracy)."""
+    return ".self_attn." in name or ".mlp." in name
+
+
+def finetune_vision(clip_model, processor, images: np.ndarray, labels: np.ndarray, task: str, steps: int,
+                    lr: float, seed: int, batch_size: int = 32):
+    """Train the ``trains`` parameters of ``clip_model.vision_model`` in place through the frozen
+    zero-shot head of ``task`` (Adam, seeded batches); returns the vision model."""
+    from fusion_bench.models.hf_clip import HFCLIPClassifier
+
+    classifier = HFCLIPClassifier(clip_model, processor=processor)
+    classifier.set_classification_task(image_tasks.classnames(task), image_tasks.templates(task))
+    clip_model.requires_grad_(False)
+    params = [p for name, p in clip_model.vision_model.named_parameters() if trains(name)]
+    for p in params:
+        p.requires_grad_(True)
+    pixels, targets = pixel_values(images), torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    clip_model.vision_model.train()
+    for _ in tqdm(range(steps), desc=f"fine-tune {task}", leave=False):
+        idx = torch.randint(0, len(targets), (batch_size,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(classifier(pixels[idx]), targets[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    clip_model.vision_model.eval()
+    return clip_model.vision_model
+
+
 def build(out: Path, recipe: Recipe | None = None) -> None:
     """Write the zoo into ``out``: pretrain the CLIP model, save the data splits, fine-tune per task."""
-    from fusion_bench_pave.testing.finetune import finetune_clip_vision
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     recipe = recipe or Recipe()
@@ -190,10 +223,8 @@ def build(out: Path, recipe: Recipe | None = None) -> None:
         splits = load_image_task(task, recipe.n_train, recipe.n_val, recipe.n_test, seed=recipe.seed)
         for split, (images, ys) in splits.items():
             save_split(images, ys, out / "data" / task / split)
-        train = [{"image": Image.fromarray(im, mode="L"), "label": int(y)} for im, y in zip(*splits["train"])]
-        vision = finetune_clip_vision(CLIPModel.from_pretrained(out / "pretrained"), processor, train,
-                                      image_tasks.classnames(task), image_tasks.templates(task),
-                                      recipe.finetune_steps, recipe.finetune_lr, seed=1000 * (i + 1))
+        vision = finetune_vision(CLIPModel.from_pretrained(out / "pretrained"), processor, *splits["train"], task,
+                                 recipe.finetune_steps, recipe.finetune_lr, seed=1000 * (i + 1))
         vision.save_pretrained(out / "models" / task)
         info["zero_shot_val"][task] = zero_shot_accuracy(clip_model, processor, task, *splits["val"])
         info["finetuned_val"][task] = zero_shot_accuracy(clip_model, processor, task, *splits["val"], vision_model=vision)
