@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fusion_bench_pave.zoo import image_tasks
-from fusion_bench_pave.zoo.clip import Recipe, build, build_tokenizer, caption_words, zero_shot_accuracy
+from fusion_bench_pave.zoo.clip import Recipe, build, build_tokenizer, caption_words, trains, zero_shot_accuracy
 from fusion_bench_pave.zoo.clip_pretrain import pixel_values, render_digits
 from fusion_bench_pave.zoo.image_tasks import IMAGE_TASKS, classnames, load_image_task, templates
 from fusion_bench_pave.zoo.install import apt_missing, missing
@@ -210,6 +210,11 @@ def test_trimmed_build_round_trips_through_fusion_bench_pools(trimmed_zoo):
         assert report[task]["accuracy"] == pytest.approx(oracle, abs=1e-6)
         assert pretrained_report[task]["accuracy"] == pytest.approx(
             zero_shot_accuracy(clip_model, processor, task, images, labels), abs=1e-6)
+        # only the encoder's attention and MLP weights moved; embeddings and LayerNorms are pretrained
+        pretrained_vision = clip_model.vision_model.state_dict()
+        changed = {k for k, v in finetuned.state_dict().items() if not torch.equal(v, pretrained_vision[k])}
+        assert changed and all(trains(k) for k in changed)
+        assert all(k in changed for k in pretrained_vision if trains(k) and k.endswith("weight"))
         # fine-tuning through the frozen head of the pretrained text tower learned its training rows
         train_images, train_labels = splits["train"]
         before = zero_shot_accuracy(clip_model, processor, task, train_images, train_labels)
