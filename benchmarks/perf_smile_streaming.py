@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,10 +108,50 @@ def streaming(args: argparse.Namespace) -> list[dict]:
                "peak_rss_mb": round(result["peak_rss_mb"]), "upscale_s": round(result["seconds"], 1), "generate_s": round(gen_seconds, 1)}
         rows.append(row)
         print(row, flush=True)
+    if len(rows) > 1:
+        rows.append(projection(rows, MISTRAL_7B_LAYERS))
+        print(rows[-1], flush=True)
     return rows
 
 
+MISTRAL_7B_LAYERS = 32
+
+
+def projection(rows: list[dict], layers: int) -> dict:
+    """Full-depth estimate from the measured depths: time by a least-squares line in depth, peak RSS
+    as the measured maximum (streaming holds one layer at a time) plus its growth per layer."""
+    depths = [r["depth"] for r in rows]
+    mean_d = statistics.mean(depths)
+
+    def line(key: str) -> tuple[float, float]:
+        values = [r[key] for r in rows]
+        mean_v = statistics.mean(values)
+        slope = sum((d - mean_d) * (v - mean_v) for d, v in zip(depths, values)) / sum((d - mean_d) ** 2 for d in depths)
+        return slope, mean_v - slope * mean_d
+
+    time_slope, time_icpt = line("upscale_s")
+    rss_slope, _ = line("peak_rss_mb")
+    return {"depth": f"{layers} (projected)", "experts": rows[0]["experts"],
+            "input_gb": round(statistics.mean(r["input_gb"] / r["depth"] for r in rows) * layers, 1),
+            "output_gb": round(statistics.mean(r["output_gb"] / r["depth"] for r in rows) * layers, 1),
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rows) + max(0.0, rss_slope) * (layers - max(depths))),
+            "upscale_s": round(time_icpt + time_slope * layers), "upscale_s_per_layer": round(time_slope, 1),
+            "peak_rss_mb_per_layer": round(rss_slope, 1)}
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident set (VmHWM) in MiB."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+
+def param_mb(model: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+
+
 def speed(args: argparse.Namespace) -> list[dict]:
+    """Upscaling time (ours vs FusionBench, same models) and forward latency of the dense pretrained
+    model, our SMILE model and FusionBench's SmileMoELinear model, side by side: every repeat times
+    the three forwards in rotated order, medians per model, for each torch thread count."""
     import fusion_bench_pave  # noqa: F401  (compat shim)
     from fusion_bench.method import SmileUpscalingAlgorithm as FusionBenchSmile
     from fusion_bench.modelpool import BaseModelPool
@@ -133,7 +174,8 @@ def speed(args: argparse.Namespace) -> list[dict]:
         fts.append(m)
     x = torch.randn(args.batch, 3, 224, 224)
     rows = []
-    for gate_k, k, top_k in [(16, 32, 1), (16, 128, 2)]:
+    for gate_k, k, top_k in [(16, 32, 1), (16, 32, 2)]:
+        torch.set_num_threads(args.speed_threads[0])
         t0 = time.perf_counter()
         ours, _ = upscale_model(copy.deepcopy(pre), fts, gate_k=gate_k, k=k, top_k=top_k, progress=False)
         t_ours = time.perf_counter() - t0
@@ -141,20 +183,37 @@ def speed(args: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         theirs = FusionBenchSmile(device="cpu", gate_k=gate_k, k=k, top_k=top_k, routing_use_diff=True, average_experts=False).run(pool)
         t_theirs = time.perf_counter() - t0
+        models = {"dense": pre, "ours": ours.eval(), "fusion_bench": theirs.eval()}
         with torch.no_grad():
-            fwd = {}
-            for label, model in (("ours", ours.eval()), ("fusion_bench", theirs.eval())):
-                model(pixel_values=x)
-                t0 = time.perf_counter()
-                for _ in range(args.repeats):
-                    out = model(pixel_values=x).last_hidden_state
-                fwd[label] = ((time.perf_counter() - t0) / args.repeats, out)
-        row = {"gate_k": gate_k, "k": k, "top_k": top_k, "experts": args.speed_experts, "layers": args.speed_layers,
-               "upscale_s_ours": round(t_ours, 2), "upscale_s_fusion_bench": round(t_theirs, 2),
-               "forward_ms_ours": round(1e3 * fwd["ours"][0], 1), "forward_ms_fusion_bench": round(1e3 * fwd["fusion_bench"][0], 1),
-               "max_abs_diff": float((fwd["ours"][1] - fwd["fusion_bench"][1]).abs().max())}
-        rows.append(row)
-        print(row, flush=True)
+            outputs = {label: model(pixel_values=x).last_hidden_state for label, model in models.items()}
+            scale = float(outputs["fusion_bench"].abs().max())
+            for threads in args.speed_threads:
+                torch.set_num_threads(threads)
+                times: dict[str, list[float]] = {label: [] for label in models}
+                labels = list(models)
+                for model in models.values():  # warm-up
+                    model(pixel_values=x)
+                for rep in range(args.repeats):
+                    for label in labels[rep % 3:] + labels[: rep % 3]:
+                        t0 = time.perf_counter()
+                        models[label](pixel_values=x)
+                        times[label].append(time.perf_counter() - t0)
+                ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
+                row = {"gate_k": gate_k, "k": k, "top_k": top_k, "experts": args.speed_experts, "layers": args.speed_layers,
+                       "batch": args.batch, "threads": threads,
+                       "upscale_s_ours": round(t_ours, 2), "upscale_s_fusion_bench": round(t_theirs, 2),
+                       "upscale_speedup": round(t_theirs / t_ours, 1),
+                       "forward_ms_dense": round(ms["dense"], 1), "forward_ms_ours": round(ms["ours"], 1),
+                       "forward_ms_fusion_bench": round(ms["fusion_bench"], 1),
+                       "forward_speedup_vs_fusion_bench": round(ms["fusion_bench"] / ms["ours"], 2),
+                       "forward_ratio_vs_dense": round(ms["ours"] / ms["dense"], 2),
+                       "max_rel_diff_vs_fusion_bench": float((outputs["ours"] - outputs["fusion_bench"]).abs().max()) / scale,
+                       "params_mb_dense": round(param_mb(pre)), "params_mb_ours": round(param_mb(ours)),
+                       "params_mb_fusion_bench": round(param_mb(theirs)), "process_peak_rss_mb": round(vm_hwm_mb()),
+                       "times_ms": {label: [round(1e3 * t, 1) for t in v] for label, v in times.items()}}
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "times_ms"}, flush=True)
+        del ours, theirs, models, outputs
     return rows
 
 
@@ -169,18 +228,20 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="compare upscaling and forward speed with FusionBench instead")
     parser.add_argument("--speed-layers", type=int, default=2)
     parser.add_argument("--speed-experts", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speed-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=32, help="images per forward (50 tokens each at ViT-B/32)")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = speed(args) if args.speed else streaming(args)
     out = Path(args.out or Path(__file__).parent / "results" / f"perf_smile_{'speed' if args.speed else 'streaming'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    keys = list(rows[0])
+    keys = [k for k in rows[0] if k != "times_ms"]
     print(" | ".join(keys))
+    print(" | ".join("---" for _ in keys))
     for row in rows:
-        print(" | ".join(str(row[k]) for k in keys))
+        print(" | ".join(f"{row.get(k, ''):.1e}" if isinstance(row.get(k), float) and abs(row[k]) < 1e-2 else str(row.get(k, "")) for k in keys))
     print(f"wrote {out}")
 
 
