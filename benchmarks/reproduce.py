@@ -10,6 +10,10 @@ evaluated once on the test task pool. Writes ``results.json``, ``results.md`` an
 
     python -m fusion_bench_pave.zoo.install text
     python benchmarks/reproduce.py --zoo minilm --out benchmarks/results/minilm
+    python -m fusion_bench_pave.zoo.install text llm   # the SmolLM2-as-Mistral causal-LM zoo
+    python benchmarks/reproduce.py --zoo smollm --only task_arithmetic smile_mistral_upscaling \
+        emr_merging/emr_merging simple_average --gate-k 4 --k 16 64 --num-samples 64 --max-length 96 \
+        --val-rows 40 --test-rows 100   # FusionBench's TIES needs > 14 GB for its 135M models
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The SmolLM2 causal-LM zoo on small inputs: the GGUF -> MistralForCausalLM conversion is exact, the
 prompts and label words fit the real tokenizer, a trimmed recipe (one layer, a few steps) builds and
-round-trips through FusionBench's CausalLMPool, task arithmetic and our LabelWordsTaskPool, and the
+round-trips through the (FusionBench) CausalLMPool, task arithmetic and our LabelWordsTaskPool, and the
 yaml composes. The full zoo (30 layers, minutes of training) is built by benchmarks/, never here.
 Needs ``python -m fusion_bench_pave.zoo.install text llm`` (the GGUF load takes ~10 s)."""
 
@@ -109,10 +109,10 @@ def test_prompts_end_with_the_question_and_label_words_are_single_tokens(gguf):
 
 @needs_all_assets
 def test_trimmed_build_round_trips_through_causal_lm_pool_task_arithmetic_and_label_words_pool(trimmed_zoo):
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fusion_bench.method import TaskArithmeticAlgorithm
-    from fusion_bench.modelpool import CausalLMPool
+    from fusion_bench_pave.modelpool import CausalLMPool  # FusionBench's, with atomic save_model
 
     models = {"_pretrained_": str(trimmed_zoo / "pretrained"),
               **{t: str(trimmed_zoo / "models" / t) for t in BUILT_TASKS}}
@@ -130,6 +130,11 @@ def test_trimmed_build_round_trips_through_causal_lm_pool_task_arithmetic_and_la
     key = "model.layers.0.self_attn.q_proj.weight"
     expected = base[key] + 0.5 * sum(pool.load_model(t).state_dict()[key] - base[key] for t in BUILT_TASKS)
     torch.testing.assert_close(merged.state_dict()[key], expected)
+
+    saved = trimmed_zoo.parent / "merged"
+    pool.save_model(merged, str(saved))
+    reloaded = AutoModelForCausalLM.from_pretrained(saved).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in merged.state_dict().items())
 
     tests = {t: load_from_disk(str(trimmed_zoo / "data" / t / "test")) for t in BUILT_TASKS}
     assert [len(d) for d in tests.values()] == [12, 12]
@@ -173,7 +178,7 @@ def test_finetuning_learns_a_task_on_its_label_words(gguf):
 def test_smollm_pool_and_taskpools_compose_and_match_the_task_definitions():
     cfg = compose_fusion_bench(["method=pave_ties", "modelpool=zoo_smollm", "taskpool=zoo_smollm"])
     # nothing below resolves ${fbp_zoo:smollm}, so composing never builds the zoo
-    assert cfg.modelpool._target_ == "fusion_bench.modelpool.CausalLMPool"
+    assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.CausalLMPool"
     assert list(cfg.modelpool.models) == ["_pretrained_", *smollm.TASKS]
     assert set(cfg.modelpool.train_datasets) == set(cfg.modelpool.val_datasets) == set(smollm.TASKS)
     for split_pool, split in (("zoo_smollm", "test"), ("zoo_smollm_val", "val")):
