@@ -27,6 +27,14 @@ split by PAVE's greedy spectral allocation (``pave.rank_allocation.allocate_laye
 layer spectra sqrt(mean_i (S_ij / S_i1)^2) of the expert SVDs, so each rank unit costs T (m + n)
 parameters in every group and the total expert parameter count equals plain SMILE's at rank k
 exactly. Each layer keeps at least one component.
+
+Measured (benchmarks/pave_smile.py, results in benchmarks/results/pave_smile/): NOT better than plain
+SMILE. On the MiniLM text zoo at equal parameter counts, knowledge_aware and whitened lose 1.1-2.7
+points of test accuracy at every k (plain 81.3 / 82.2 / 82.4 at k = 4 / 16 / 64, knowledge_aware
+78.6 / 80.9 / 81.1); swapping routers (benchmarks/pave_smile_swap.py, k=16) shows both halves cost
+accuracy (whitened router -1.4, context experts -0.6). The spectral allocation is neutral
+(plain + spectral ties plain). The option stays, off
+by default (``subspace: plain``), as a cheap documented research path.
 """
 
 from __future__ import annotations
