@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from fusion_bench import BaseAlgorithm
@@ -14,16 +13,13 @@ from fusion_bench.mixins import auto_register_config
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.dtype import parse_dtype
 from huggingface_hub import snapshot_download
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from fusion_bench_pave.pave.covariance import CovarianceStats
-from fusion_bench_pave.pave.regularize import add_identity, regularize_doubling, regularize_relative
 from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import atomic_output_dir, load_smile_model, save_smile_model
-from fusion_bench_pave.smile.knowledge_aware import RankAllocation, Subspace
 from fusion_bench_pave.smile.svd import SvdMethod
-from fusion_bench_pave.smile.upscale import CovarianceOf, upscale_model
+from fusion_bench_pave.smile.upscale import upscale_model
 
 log = logging.getLogger(__name__)
 
@@ -38,43 +34,6 @@ def resolve_device(device: str | None) -> torch.device | None:
     return torch.device(device)
 
 
-class RegularizedCovariances:
-    """``covariance(i, layer)`` for :func:`upscale_model`: C_eps of ``layer``'s input on task i.
-
-    None for layers the calibration forward never hooked (they stay plain). eps is found once per
-    (task, input) and kept, so layers sharing an input (q/k/v) and repeated calls reuse it.
-    """
-
-    def __init__(self, stats: Sequence[CovarianceStats], regularize: Callable[[Tensor], tuple[Tensor, float]]) -> None:
-        self.stats, self.regularize = list(stats), regularize
-        self.eps: dict[tuple[int, str], float] = {}
-
-    def __call__(self, task: int, layer: str) -> Tensor | None:
-        stats = self.stats[task]
-        if layer not in stats.input_of:
-            return None
-        key = (task, stats.input_of[layer])
-        if key in self.eps:
-            return add_identity(stats.covariance(layer), self.eps[key])
-        regularized, self.eps[key] = self.regularize(stats.covariance(layer))
-        return regularized
-
-
-def task_covariances(modelpool: BaseModelPool, finetuned: Sequence[nn.Module], settings: Mapping[str, Any] | None) -> RegularizedCovariances:
-    """Input covariances of every fine-tuned model on its task's calibration data, via PAVE's
-    collection and on-disk cache (``settings``: PAVE's calibration / regularisation / cache keys,
-    so a SMILE run and a PAVE run with the same keys share cached statistics)."""
-    from fusion_bench_pave.pave import PAVE
-
-    pave = PAVE(merger={}, **dict(settings or {}))  # only its covariance machinery is used
-    if pave.regularization not in ("doubling", "relative"):
-        raise ValueError(f"covariance.regularization must be 'doubling' or 'relative', got {pave.regularization!r}")
-    stats = [pave.task_covariance(modelpool, name, model) for name, model in zip(modelpool.model_names, finetuned)]
-    if pave.regularization == "doubling":
-        return RegularizedCovariances(stats, lambda cov: regularize_doubling(cov, pave.eps0, pave.eps_tol))
-    return RegularizedCovariances(stats, lambda cov: regularize_relative(cov, pave.relative_alpha))
-
-
 @auto_register_config
 class SmileUpscalingAlgorithm(BaseAlgorithm):
     """Upscale the pool's pretrained model with its fine-tuned models into a SMILE MoE model.
@@ -84,12 +43,7 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
     ``average_experts``, ``device`` (where the models live), ``upscaling_accelerator`` (where SVDs
     run), ``model_path`` (cache: loaded if it exists, else the result is saved there). Extra:
     ``target_modules`` (regexes over module names, default all ``nn.Linear``), ``dtype`` of the
-    result, ``svd_method`` (auto | full | randomized), ``subspace`` (plain | knowledge_aware |
-    whitened: PAVE-SMILE, experts and routers in each task's input-covariance subspace, see
-    :mod:`fusion_bench_pave.smile.knowledge_aware`; needs the pool's train datasets),
-    ``rank_allocation`` (uniform | spectral: per-layer expert ranks, same parameter count),
-    ``covariance`` (knowledge_aware / whitened only: keys of :class:`fusion_bench_pave.pave.PAVE` for
-    calibration, regularisation and the covariance cache).
+    result, ``svd_method`` (auto | full | randomized).
     """
 
     def __init__(
@@ -105,9 +59,6 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
         device: str = "cpu",
         upscaling_accelerator: str | None = None,
         model_path: str | None = None,
-        subspace: Subspace = "plain",
-        rank_allocation: RankAllocation = "uniform",
-        covariance: Mapping[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -122,9 +73,6 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
             return load_smile_model(modelpool.load_pretrained_model().to(device), self.model_path)
         pretrained = modelpool.load_pretrained_model().to(device)
         finetuned = [m.to(device) for m in modelpool.models()]
-        covariance: CovarianceOf | None = None
-        if self.subspace in ("knowledge_aware", "whitened"):
-            covariance = task_covariances(modelpool, finetuned, self.covariance)
         model, _ = upscale_model(
             pretrained,
             finetuned,
@@ -137,9 +85,6 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
             svd_method=self.svd_method,
             compute_device=resolve_device(self.upscaling_accelerator),
             dtype=parse_dtype(self.dtype),
-            subspace=self.subspace,
-            covariance=covariance,
-            rank_allocation=self.rank_allocation,
         )
         if self.model_path is not None:
             save_smile_model(model, self.model_path)

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusion_bench_pave.smile.knowledge_aware import Subspace, context_expert, expert_factor, whitened_router, whitening_factor
 from fusion_bench_pave.smile.svd import SvdMethod, top_svd
 
 
@@ -59,42 +58,21 @@ def smile_tensors(
     compute_device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     name: str = "layer",
-    covs: Sequence[Tensor | None] | None = None,
-    subspace: Subspace = "knowledge_aware",
 ) -> dict[str, Tensor]:
     """The ``SmileLinear`` state dict (keys ``weight``, ``bias``, ``router``, ``expert_*``) for one layer.
 
     SVD runs in float32 (float64 inputs stay float64) on ``compute_device``; results are cast to
     ``dtype`` (default: ``w0.dtype``) on ``w0``'s device. Layers whose experts equal the
     pretrained layer are the caller's business (see :func:`layer_changed`).
-    ``covs[i]`` (optional, regularised input covariance of expert i's task) builds expert i in the
-    ``subspace`` (knowledge_aware | whitened, see :mod:`fusion_bench_pave.smile.knowledge_aware`)
-    with the whitened router; None keeps expert i plain.
     """
     check_layer_inputs(name, w0, ws, b0, bs, gate_k, k)
-    if covs is not None and len(covs) != len(ws):
-        raise ValueError(f"{name}: got {len(ws)} fine-tuned weights but {len(covs)} covariances")
     out_dtype, out_device = dtype or w0.dtype, w0.device
     dev = compute_device or w0.device
     base = w0.to(dev, torch.float64 if w0.dtype == torch.float64 else torch.float32)
     routers, us, svhs, dense = [], [], [], []
-    for i, w in enumerate(ws):
+    for w in ws:
         dw = w.to(dev, base.dtype) - base
         rank = max(gate_k, k)
-        cov = None if covs is None else covs[i]
-        if cov is not None:
-            cov = cov.to(dev)
-            whitening = whitening_factor(cov, name)
-            source, router_rank = (dw, rank) if routing_use_diff else (w.to(dev, base.dtype), gate_k)
-            routers.append(whitened_router(source, whitening, gate_k, router_rank, svd_method))
-            if k > 0:
-                factor = whitening if subspace == "whitened" else expert_factor(cov, subspace, name)
-                u, svh = context_expert(dw, factor, k, rank, svd_method)
-                us.append(u)
-                svhs.append(svh)
-            else:
-                dense.append(dw)
-            continue
         t = top_svd(dw, rank, svd_method)
         if routing_use_diff:
             routers.append(t.v[:, :gate_k].T)

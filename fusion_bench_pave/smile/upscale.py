@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,14 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
-from fusion_bench_pave.smile.knowledge_aware import SUBSPACES, RankAllocation, Subspace, allocate_expert_ranks, context_spectrum, expert_factor, layer_spectrum
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.svd import SvdMethod
 
 log = logging.getLogger(__name__)
-
-CovarianceOf = Callable[[int, str], torch.Tensor | None]
-"""``covariance(i, layer)``: regularised input covariance of ``layer`` on fine-tuned model i's task (None: identity)."""
 
 
 @dataclass
@@ -34,7 +30,6 @@ class UpscaleReport:
     unchanged: list[str] = field(default_factory=list)
     not_targeted: list[str] = field(default_factory=list)
     averaged: list[str] = field(default_factory=list)
-    ranks: dict[str, int] = field(default_factory=dict)  # expert rank k of every upscaled layer
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -87,9 +82,6 @@ def upscale_model(
     compute_device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
-    subspace: Subspace = "plain",
-    covariance: CovarianceOf | None = None,
-    rank_allocation: RankAllocation = "uniform",
 ) -> tuple[nn.Module, UpscaleReport]:
     """Upscale ``pretrained`` in place into a SMILE MoE model and return it with a report.
 
@@ -98,20 +90,7 @@ def upscale_model(
     ``len(finetuned)`` experts. ``average_experts`` replaces the parameters of the other leaf
     modules (norms, embeddings, convs) by the fine-tuned average. Raises ``ValueError`` for
     T=0, mismatched architectures or shapes, ranks out of range, or when no layer changed.
-
-    ``subspace="knowledge_aware"`` or ``"whitened"`` builds expert i of each layer from
-    ``covariance(i, layer)`` (layers it returns None for stay plain); ``rank_allocation="spectral"`` replaces the uniform
-    expert rank ``k`` by per-layer ranks with the same total parameter count (see
-    :mod:`fusion_bench_pave.smile.knowledge_aware`; spectra of dW C, dW L or dW).
     """
-    if subspace not in SUBSPACES:
-        raise ValueError(f"subspace must be one of {SUBSPACES}, got {subspace!r}")
-    if subspace != "plain" and covariance is None:
-        raise ValueError(f"subspace={subspace!r} needs the tasks' input covariances (covariance=...)")
-    if rank_allocation not in ("uniform", "spectral"):
-        raise ValueError(f"rank_allocation must be 'uniform' or 'spectral', got {rank_allocation!r}")
-    if rank_allocation == "spectral" and k <= 0:
-        raise ValueError(f"rank_allocation='spectral' needs low-rank experts (k >= 1), got k={k}")
     if len(finetuned) == 0:
         raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
     if not 1 <= top_k <= len(finetuned):
@@ -143,34 +122,18 @@ def upscale_model(
     for name, module in leaves:
         average_leaf(module, _counterparts(name, finetuned, type(module)), name)
         report.averaged.append(name)
-
-    def covs_of(name: str) -> list[torch.Tensor | None] | None:
-        return None if subspace == "plain" else [covariance(i, name) for i in range(len(finetuned))]
-
-    ranks = dict.fromkeys((name for name, _, _ in plan), k)
-    if rank_allocation == "spectral":
-        spectra = {}
-        for name, module, experts in tqdm(plan, desc="SMILE spectra", disable=not progress, dynamic_ncols=True, leave=False):
-            covs = covs_of(name) or [None] * len(experts)
-            dev = compute_device or module.weight.device
-            w0 = module.weight.to(dev, torch.float64)
-            factors = [None if c is None else expert_factor(c, subspace, name) for c in covs]
-            spectra[name] = layer_spectrum([context_spectrum(e.weight.to(dev, torch.float64) - w0, f) for e, f in zip(experts, factors)])
-        ranks = allocate_expert_ranks(spectra, {name: tuple(module.weight.shape) for name, module, _ in plan}, k)
     for name, module, experts in tqdm(plan, desc="SMILE upscaling", disable=not progress, dynamic_ncols=True, leave=False):
         tensors = smile_tensors(
             module.weight, [e.weight for e in experts], module.bias, [e.bias for e in experts],
-            gate_k, ranks[name], routing_use_diff, svd_method, compute_device, dtype, name=name,
-            covs=covs_of(name), subspace=subspace,
+            gate_k, k, routing_use_diff, svd_method, compute_device, dtype, name=name,
         )
         smile = SmileLinear(
-            module.in_features, module.out_features, len(finetuned), gate_k, ranks[name], top_k,
+            module.in_features, module.out_features, len(finetuned), gate_k, k, top_k,
             bias=module.bias is not None, device="meta",
         )
         smile.load_state_dict(tensors, assign=True)
         set_module(pretrained, name, smile)
         report.upscaled.append(name)
-        report.ranks[name] = ranks[name]
     if dtype is not None:
         pretrained.to(dtype)
     log.info("SMILE: upscaled %d linear layers, %d unchanged, %d not targeted, %d averaged",
