@@ -118,24 +118,21 @@ MISTRAL_7B_LAYERS = 32
 
 
 def projection(rows: list[dict], layers: int) -> dict:
-    """Full-depth estimate from the measured depths: time by a least-squares line in depth, peak RSS
-    as the measured maximum (streaming holds one layer at a time) plus its growth per layer."""
+    """Full-depth estimate from the measured depths. Time: the deepest run's seconds per layer (its
+    one-off costs spread over its layers, so an upper bound; a line fit is useless when the load of
+    the shared machine changes between depths). Peak RSS: the measured maximum plus the least-squares
+    growth per layer (streaming holds one layer at a time, so the growth should be ~0)."""
     depths = [r["depth"] for r in rows]
-    mean_d = statistics.mean(depths)
-
-    def line(key: str) -> tuple[float, float]:
-        values = [r[key] for r in rows]
-        mean_v = statistics.mean(values)
-        slope = sum((d - mean_d) * (v - mean_v) for d, v in zip(depths, values)) / sum((d - mean_d) ** 2 for d in depths)
-        return slope, mean_v - slope * mean_d
-
-    time_slope, time_icpt = line("upscale_s")
-    rss_slope, _ = line("peak_rss_mb")
+    rss = [r["peak_rss_mb"] for r in rows]
+    mean_d, mean_r = statistics.mean(depths), statistics.mean(rss)
+    rss_slope = sum((d - mean_d) * (v - mean_r) for d, v in zip(depths, rss)) / sum((d - mean_d) ** 2 for d in depths)
+    deepest = max(rows, key=lambda r: r["depth"])
+    per_layer_s = deepest["upscale_s"] / deepest["depth"]
     return {"depth": f"{layers} (projected)", "experts": rows[0]["experts"],
-            "input_gb": round(statistics.mean(r["input_gb"] / r["depth"] for r in rows) * layers, 1),
-            "output_gb": round(statistics.mean(r["output_gb"] / r["depth"] for r in rows) * layers, 1),
-            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rows) + max(0.0, rss_slope) * (layers - max(depths))),
-            "upscale_s": round(time_icpt + time_slope * layers), "upscale_s_per_layer": round(time_slope, 1),
+            "input_gb": round(deepest["input_gb"] / deepest["depth"] * layers, 1),
+            "output_gb": round(deepest["output_gb"] / deepest["depth"] * layers, 1),
+            "peak_rss_mb": round(max(rss) + max(0.0, rss_slope) * (layers - max(depths))),
+            "upscale_s": round(per_layer_s * layers), "upscale_s_per_layer": round(per_layer_s, 1),
             "peak_rss_mb_per_layer": round(rss_slope, 1)}
 
 
