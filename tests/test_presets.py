@@ -98,9 +98,14 @@ def test_presets_leave_other_settings_overridable():
     assert cfg.method.k == 64 and cfg.method.gate_k == 16
 
 
-def test_flan_t5_presets_use_the_repaired_seq2seq_pool():
-    for preset in ("smile_flan-t5-base_glue", "smile_flan-t5-base_glue_lora16"):
-        assert compose_fusion_bench([f"+preset={preset}"]).modelpool._target_ == "fusion_bench_pave.modelpool.Seq2SeqLMPool"
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_use_our_atomic_saving_pools(preset):
+    """Every hub preset swaps in our pool of the same kind (atomic save, refuses to overwrite;
+    for Flan-T5 also the repaired load_tokenizer/save_model)."""
+    target = compose_fusion_bench([f"+preset={preset}"]).modelpool._target_
+    family = next(f for f in ("clip", "flan", "mistral") if f"_{f}" in preset)
+    kind = {"clip": "CLIPVisionModelPool", "flan": "Seq2SeqLMPool", "mistral": "CausalLMPool"}[family]
+    assert target == f"fusion_bench_pave.modelpool.{kind}"
 
 
 @pytest.mark.slow
