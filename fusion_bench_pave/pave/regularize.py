@@ -30,8 +30,10 @@ def inverse_check(low: Tensor, tol: float, probes: int = PROBES, seed: int = 0) 
     """||A^-1 A - I||_F < tol for the explicit inverse A^-1 (as `inverse_residual`), deciding from
     the unbiased estimate ||(A^-1 A - I) Z||_F / sqrt(probes) (seeded Gaussian Z, O(n^2 probes)) when
     it is more than GUARD times away from tol, and from the exact norm (one n^3 product) otherwise.
-    The squared estimate has a relative spread of at most sqrt(2 / probes) = 25%, so the band of
-    GUARD^2 = 16x in the squared norm never lets the estimate contradict the exact check."""
+    The squared estimate has a relative spread of at most sqrt(2 / probes) = 25%; contradicting the
+    exact check needs it off by GUARD^2 = 16x, which even for a rank-one residual (the worst case,
+    chi-square with `probes` degrees of freedom) has probability below 2e-14, and the probes are
+    seeded, so a given covariance always gets the same verdict."""
     inv = torch.linalg.inv(low)
     if not torch.isfinite(inv).all():
         return False
