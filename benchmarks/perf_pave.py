@@ -3,7 +3,9 @@
 For each shape setting a reduced model is built in-process with random weights at the real widths
 (BertModel for MiniLM, CLIPVisionModel for ViT-B/32, MistralModel for a Mistral-7B layer), T
 fine-tuned copies are made by seeded perturbation, and each task gets seeded calibration inputs
-giving exactly N token rows. Both procedures run on the same models and rows, each in a fresh
+giving exactly N token rows. The `minilm_zoo` setting instead takes the real MiniLM zoo (all six
+layers, real fine-tuned weights, N rows of each task's real training text; built first if missing),
+where activations are far less isotropic than random inputs. Both procedures run on the same models and rows, each in a fresh
 subprocess (peak RSS = ru_maxrss of that child, so they don't contaminate each other), alternating
 ours/official for every repeat so load on the shared machine hits both alike. The purified Linear
 weights of the first repeat are compared (max over layers and tasks of ||W_ours - W_off||_F / ||W_off||_F).
@@ -48,6 +50,8 @@ MISTRAL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 SETTINGS: dict[str, dict[str, Any]] = {
     "minilm": dict(kind="bert", hidden=384, ffn=1536, heads=12, layers=2, tasks=3, rows=4096, seq=128, batch=8, eps0=0.1),
     "vit_b32": dict(kind="clip", hidden=768, ffn=3072, heads=12, layers=2, tasks=3, rows=4096, batch=16, eps0=0.1),
+    # the real MiniLM zoo (all 6 layers, real fine-tuned weights, real text of each task's train split)
+    "minilm_zoo": dict(kind="zoo_minilm", tasks=3, rows=4096, seq=128, batch=8, eps0=0.1),
     "mistral_layer": dict(kind="mistral", hidden=4096, ffn=14336, heads=32, kv_heads=8, layers=1, tasks=2, rows=256,
                           seq=128, batch=2, eps0=0.01, modules=["k_proj", "v_proj"]),
 }
@@ -104,8 +108,35 @@ def excluded(setting: dict) -> list[str]:
     return [name for name in MISTRAL_LINEARS if name not in setting["modules"]]
 
 
+def build_zoo(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, list[dict]]]:
+    """The MiniLM zoo's pretrained encoder, its first T fine-tuned copies, and per task `rows` token
+    rows of that task's training texts: tokenized, concatenated and cut into unpadded sequences
+    (padding would be masked by ours and not by the official code, so neither side sees any)."""
+    import datasets
+    from transformers import AutoModel, AutoTokenizer
+
+    from fusion_bench_pave.zoo import ensure_zoo
+
+    root = ensure_zoo("minilm")
+    load = lambda path: AutoModel.from_pretrained(path, add_pooling_layer=False).eval()  # noqa: E731
+    tokenizer = AutoTokenizer.from_pretrained(root / "pretrained")
+    tasks = sorted(p.name for p in (root / "models").iterdir())[: setting["tasks"]]
+    batches = {}
+    for task in tasks:
+        texts = list(datasets.load_from_disk(str(root / "data" / task / "train"))["text"])
+        stream = torch.tensor([i for ids in tokenizer(texts)["input_ids"] for i in ids])
+        sequences = -(-setting["rows"] // setting["seq"])
+        if stream.numel() < sequences * setting["seq"]:
+            raise ValueError(f"{task}: {stream.numel()} training tokens, fewer than the {setting['rows']} rows asked for")
+        ids = stream[: sequences * setting["seq"]].view(sequences, setting["seq"])
+        batches[task] = [{"input_ids": i} for i in ids.split(setting["batch"])]
+    return load(root / "pretrained"), {t: load(root / "models" / t) for t in tasks}, batches
+
+
 def build(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, list[dict]]]:
     """(pretrained, {task: fine-tuned}, {task: batches}), all seeded."""
+    if setting["kind"] == "zoo_minilm":
+        return build_zoo(setting)
     pretrained = build_model(setting)
     tasks = [f"task{i}" for i in range(setting["tasks"])]
     finetuned = {t: perturbed(pretrained, 100 + i) for i, t in enumerate(tasks)}
