@@ -15,7 +15,6 @@ official test set.
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,10 +23,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from fusion_bench_pave.zoo.install import install_command, package_file
+
 SIZE = 28
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_PRETRAIN = 50_000
-INSTALL_HINT = "run `python -m fusion_bench_pave.zoo.install vision`"
+INSTALL_HINT = f"run `{install_command('vision')}`"
 
 FASHION_CLASSES = ["T-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot"]
@@ -51,18 +52,6 @@ class ImageTask:
     classnames: tuple[str, ...]
     templates: tuple[Callable[[str], str], ...]
     load: Callable[[], tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
-
-
-def package_file(package: str, name: str) -> Path:
-    """Path of a data file shipped inside an installed distribution."""
-    try:
-        files = importlib.metadata.files(package) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the {package} package is not installed; {INSTALL_HINT}") from None
-    for file in files:
-        if file.name == name:
-            return Path(file.locate())
-    raise FileNotFoundError(f"{package} does not ship {name}")
 
 
 def _read_idx(path: Path) -> np.ndarray:

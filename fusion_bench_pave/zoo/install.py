@@ -36,6 +36,25 @@ APT: dict[str, dict[str, Path]] = {
 }
 
 
+def install_command(group: str) -> str:
+    """The command that installs ``group``'s assets."""
+    return f"python -m fusion_bench_pave.zoo.install {group}"
+
+
+def package_file(package: str, name: str) -> Path:
+    """Path of a data file shipped inside an installed asset distribution; if the distribution is
+    missing, the error names the install command of its group."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        group = next((g for g, packages in ASSETS.items() if package in packages), "all")
+        raise FileNotFoundError(f"the {package} package is not installed; run `{install_command(group)}`") from None
+    for file in files:
+        if file.name == name:
+            return Path(file.locate())
+    raise FileNotFoundError(f"{package} does not ship {name}")
+
+
 def missing(group: str) -> list[str]:
     """Requirement strings of the group's packages that are absent or at another version."""
     wanted = []

