@@ -18,12 +18,15 @@ PROBES = 32  # seeded Gaussian probes of the inverse-residual estimate
 GUARD = 4.0  # the estimate decides only when it is more than GUARD times away from tol
 
 
+def _residual(inv: Tensor, low: Tensor) -> float:
+    """||inv @ low - I||_F (one n^3 product)."""
+    return float(torch.linalg.matrix_norm(inv @ low - torch.eye(low.shape[0], dtype=low.dtype, device=low.device)))
+
+
 def inverse_residual(low: Tensor) -> float:
     """||A^-1 A - I||_F with A^-1 an explicit inverse in A's dtype (inf if not finite)."""
     inv = torch.linalg.inv(low)
-    if not torch.isfinite(inv).all():
-        return float("inf")
-    return float(torch.linalg.matrix_norm(inv @ low - torch.eye(low.shape[0], dtype=low.dtype, device=low.device)))
+    return _residual(inv, low) if torch.isfinite(inv).all() else float("inf")
 
 
 def inverse_check(low: Tensor, tol: float, probes: int = PROBES, seed: int = 0) -> bool:
@@ -44,8 +47,7 @@ def inverse_check(low: Tensor, tol: float, probes: int = PROBES, seed: int = 0) 
         return True
     if estimate > tol * GUARD:
         return False
-    eye = torch.eye(low.shape[0], dtype=low.dtype, device=low.device)
-    return float(torch.linalg.matrix_norm(inv @ low - eye)) < tol
+    return _residual(inv, low) < tol
 
 
 def regularize_doubling(
