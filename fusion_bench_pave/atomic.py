@@ -69,6 +69,16 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass overwrite=true to replace it")
 
 
+def _prepare(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing ``path`` unless ``overwrite``, create its parent, and clear dead writers'
+    staging beside it; returns ``path`` as a Path."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    return path
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True, **open_kwargs: Any) -> Iterator[IO]:
     """Open (``os.fdopen(fd, mode, **open_kwargs)``) a staging file that replaces ``path`` (fsynced)
@@ -76,10 +86,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tru
 
     ``overwrite=False`` refuses an existing ``path``. On failure ``path`` keeps its old content.
     """
-    path = Path(path)
-    refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(path)
+    path = _prepare(path, overwrite)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_writer_prefix(path))
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
@@ -126,10 +133,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
 
     Refuses an existing ``path`` unless ``overwrite``; a failure or kill leaves ``path`` untouched.
     """
-    path = Path(path)
-    refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(path)
+    path = _prepare(path, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(path), dir=path.parent))
     try:
         yield staging
