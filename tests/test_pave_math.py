@@ -12,10 +12,11 @@ from torch import nn
 from fusion_bench_pave.pave.calibration import sample_indices, shard
 from fusion_bench_pave.pave.covariance import collect_covariance
 from fusion_bench_pave.pave.purify import (
-    context_singular_values,
+    context_eigh,
     context_svd,
     project_weight,
     purify_weight,
+    remove_subspace,
 )
 from fusion_bench_pave.pave.rank_allocation import (
     allocate_layer,
@@ -188,8 +189,12 @@ def test_projection_form_equals_inverse_form(shape, rank):
     w, cov = _problem(*shape)
     u, s, vh = torch.linalg.svd(w @ cov, full_matrices=False)
     inverse_form = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank] @ torch.linalg.inv(cov)
-    torch.testing.assert_close(context_singular_values(w, cov), s, rtol=1e-10, atol=1e-10)
+    u_eigh, s_eigh = context_eigh(w, cov)  # the algorithm's decomposition (Gram eigh; tall and wide shapes)
+    torch.testing.assert_close(s_eigh, s, rtol=1e-10, atol=1e-10)
     projected = purify_weight(w, cov, rank)
+    # tall W: U = M V / S carries ~1e-16 * S_1^2 / S_i of rounding in its smallest columns
+    eigh_projected = remove_subspace(w, u_eigh[:, rank:])
+    assert torch.linalg.norm(eigh_projected - projected) / torch.linalg.norm(projected) <= 1e-8
     assert torch.linalg.norm(projected - inverse_form) / torch.linalg.norm(inverse_form) <= 1e-5
     # activated pruning error = sqrt(sum of dropped S^2)
     err = torch.linalg.norm((w - projected) @ cov)

@@ -21,11 +21,6 @@ def context_svd(weight: Tensor, cov_eps: Tensor) -> tuple[Tensor, Tensor]:
     return u, s
 
 
-def context_singular_values(weight: Tensor, cov_eps: Tensor) -> Tensor:
-    """Singular values of W @ C_eps only (cheaper than the full SVD; for rank allocation)."""
-    return torch.linalg.svdvals(weight.to(torch.float64) @ cov_eps.to(torch.float64))
-
-
 def context_eigh(weight: Tensor, cov_eps: Tensor) -> tuple[Tensor, Tensor]:
     """U [out, R] and S [R] (descending) of M = W @ C_eps in float64, from eigh of M M^T (out <= in)
     or of M^T M (U = M V / S; columns with S = 0 are zero). Same contract as `context_svd`."""
