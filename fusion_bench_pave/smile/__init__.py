@@ -11,7 +11,6 @@
   ``method=smile_mistral_upscaling``.
 """
 
-from fusion_bench_pave.smile import causal_lm  # noqa: F401  (registers the SMILE causal LMs with transformers)
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.upscale import UpscaleReport, upscale_model
 
