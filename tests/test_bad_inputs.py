@@ -27,6 +27,7 @@ from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import save_smile_model
+from fusion_bench_pave.taskpool import LabelWordsTaskPool
 
 from conftest import compose_fusion_bench
 from pave_helpers import make_pool, tiny_t5
@@ -289,6 +290,9 @@ ROWS = [
      FileExistsError, r"merged already exists; pass overwrite=true to replace it"),
     ("taskpool: empty test dataset", evaluate_on_an_empty_test_split,
      ValueError, r"task 'topic': its test dataset is empty \(0 rows\); nothing to evaluate"),
+    ("taskpool: test task without label words",
+     lambda tmp_path: LabelWordsTaskPool(test_datasets={"a": [], "b": []}, tokenizer="t5", label_words={"a": ["x"]}),
+     ValueError, r"label_words has no entry for test task\(s\) \['b'\]"),
     ("cli: unknown method name", lambda tmp_path: compose_fusion_bench(["method=pave_tie"]),
      MissingConfigException, r"Could not find 'method/pave_tie'"),
     ("cli: unknown model pool name", lambda tmp_path: compose_fusion_bench(["modelpool=tiny_vit"]),
@@ -311,7 +315,7 @@ def test_failed_runs_leave_no_output(tmp_path):
 
 def test_an_unreadable_covariance_cache_is_recomputed(tmp_path, caplog):
     first = pave(cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
-    for file in tmp_path.glob("pave_cov_*.pt"):
+    for file in tmp_path.glob("pave_cov_*.safetensors"):
         truncate(file)
     second = pave(cache_dir=str(tmp_path)).run(make_pool("clip"))
     assert second["pave"]["covariance_cache_hits"] == 0

@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from fusion_bench import BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
-from fusion_bench.utils import instantiate
 
 from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
 from fusion_bench_pave.taskpool.report import evaluate_tasks
+from fusion_bench_pave.taskpool.text_pool import check_every_task_has, load_tokenizer
+
 
 @auto_register_config
 class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
@@ -41,16 +42,7 @@ class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        missing = set(test_datasets) - set(label_words)
-        if missing:
-            raise ValueError(f"label_words has no entry for test task(s) {sorted(missing)}")
-
-    def _load_tokenizer(self):
-        if isinstance(self.tokenizer, str):
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(self.tokenizer)
-        return instantiate(self.tokenizer)
+        check_every_task_has("label_words", label_words, test_datasets)
 
     @torch.no_grad()
     def evaluate_task(self, model: nn.Module, tokenizer, task: str, dataset) -> dict[str, float]:
@@ -73,7 +65,7 @@ class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
         return {"accuracy": correct / n, "loss": loss_sum / n}
 
     def evaluate(self, model: nn.Module, name: str | None = None, **kwargs) -> dict[str, Any]:
-        tokenizer = self._load_tokenizer()
+        tokenizer = load_tokenizer(self.tokenizer)
         model = self.fabric.to_device(model).eval()
         return evaluate_tasks(
             model, self.test_datasets, lambda m, task, data: self.evaluate_task(m, tokenizer, task, data), name

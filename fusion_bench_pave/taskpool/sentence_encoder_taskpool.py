@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from fusion_bench import BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
-from fusion_bench.utils import instantiate
 
 from fusion_bench_pave.taskpool.report import evaluate_tasks
 from fusion_bench_pave.taskpool.sentence_encoder import embed, label_prompt_head, prompt_logits
+from fusion_bench_pave.taskpool.text_pool import check_every_task_has, load_tokenizer
 
 
 @auto_register_config
@@ -48,21 +48,14 @@ class SentenceEncoderTaskPool(LightningFabricMixin, BaseTaskPool):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        missing = set(test_datasets) - set(label_prompts)
-        if missing:
-            raise ValueError(f"label_prompts has no entry for test task(s) {sorted(missing)}")
+        check_every_task_has("label_prompts", label_prompts, test_datasets)
         self._heads: dict[str, Tensor] | None = None
         self._tokenizer = None
 
     def load_tokenizer(self):
         """The tokenizer, loaded once."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            if self.tokenizer is None or isinstance(self.tokenizer, str):
-                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.encoder)
-            else:
-                self._tokenizer = instantiate(self.tokenizer)
+            self._tokenizer = load_tokenizer(self.tokenizer or self.encoder)
         return self._tokenizer
 
     def heads(self, tokenizer) -> dict[str, Tensor]:
