@@ -34,12 +34,13 @@ CHILD = """
 import json, sys, time
 import torch
 import fusion_bench_pave.smile.causal_lm
-from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm_checkpoint
+from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm_checkpoint
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 start = time.perf_counter()
-upscale_causal_lm_checkpoint(args["base"], args["experts"], args["out"], rank_of_router=args["rank_of_router"],
-    rank_of_expert=args["rank_of_expert"], max_shard_bytes=args["max_shard_bytes"], progress=False)
+upscale_causal_lm_checkpoint(args["base"], args["experts"], args["out"],
+    SmileSettings(rank_of_router=args["rank_of_router"], rank_of_expert=args["rank_of_expert"]),
+    max_shard_bytes=args["max_shard_bytes"], progress=False)
 # VmHWM is this process image's own high-water mark (ru_maxrss would include the forked parent's RSS)
 hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": hwm_kb / 1024}))

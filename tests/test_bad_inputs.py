@@ -25,7 +25,7 @@ from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave.rank_allocation import allocate_ranks
 from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
-from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm_checkpoint
+from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import save_smile_model
 from fusion_bench_pave.taskpool import LabelWordsTaskPool
 
@@ -148,7 +148,7 @@ def corrupt_streaming_checkpoint(tmp_path):
         model.save_pretrained(tmp_path / name)
     truncate(tmp_path / "m1" / "model.safetensors")
     upscale_causal_lm_checkpoint(tmp_path / "_pretrained_", [tmp_path / "m0", tmp_path / "m1"], tmp_path / "out",
-                                 num_experts_per_tok=1, rank_of_router=2, rank_of_expert=4, progress=False)
+                                 SmileSettings(num_experts_per_tok=1, rank_of_router=2, rank_of_expert=4), progress=False)
 
 
 # ------------------------------------------------------------ pools and CLI

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,11 +15,12 @@ from fusion_bench.modelpool import BaseModelPool, CausalLMPool
 from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm
 from fusion_bench_pave.smile.causal_lm import SmileMistralConfig, SmileMistralForCausalLM
-from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm, upscale_causal_lm_checkpoint
+from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
 from smile_helpers import finetuned_copies, tiny_causal_lm
 
 PROJ = r"_proj\.weight"
-SMILE = dict(rank_of_router=4, rank_of_expert=8, num_experts_per_tok=2)
+SMILE_KWARGS = dict(rank_of_router=4, rank_of_expert=8, num_experts_per_tok=2)
+SMILE = SmileSettings(**SMILE_KWARGS)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def logits(model, x=None) -> torch.Tensor:
 
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, mistral_family):
     pre, fts, _ = mistral_family
-    model = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    model = upscale_causal_lm(pre, fts, SMILE, progress=False)
     assert isinstance(model, SmileMistralForCausalLM) and model.config.model_type == "smile_mistral"
     model.save_pretrained(tmp_path / "smile")
     assert json.loads((tmp_path / "smile" / "config.json").read_text())["architectures"] == ["SmileMistralForCausalLM"]
@@ -63,21 +65,21 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, mistral_family):
 def test_streaming_equals_in_memory_with_sharded_input_and_output(tmp_path, mistral_family):
     pre, fts, root = mistral_family
     assert (root / "base" / "model.safetensors.index.json").exists()  # the inputs really are sharded
-    out = upscale_causal_lm_checkpoint(root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "out",
-                                       max_shard_bytes=100_000, progress=False, **SMILE)
+    out = upscale_causal_lm_checkpoint(root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "out", SMILE,
+                                       max_shard_bytes=100_000, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     streamed = AutoModelForCausalLM.from_pretrained(out).eval()
-    in_memory = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    in_memory = upscale_causal_lm(pre, fts, SMILE, progress=False)
     torch.testing.assert_close(logits(streamed), logits(in_memory), rtol=0, atol=0)
     assert (logits(streamed) - logits(pre)).abs().max() > 1e-3
 
 
 def test_top1_dense_single_expert_reproduces_the_finetuned_model(mistral_family):
     pre, fts, _ = mistral_family
-    model = upscale_causal_lm(pre, fts[:1], rank_of_router=2, rank_of_expert=0, progress=False)
+    model = upscale_causal_lm(pre, fts[:1], SmileSettings(rank_of_router=2, rank_of_expert=0), progress=False)
     torch.testing.assert_close(logits(model), logits(fts[0]), rtol=1e-5, atol=1e-5)
-    full_rank = upscale_causal_lm(pre, fts[:1], rank_of_router=2, rank_of_expert=16, progress=False)  # 16 = min dim (k/v_proj)
+    full_rank = upscale_causal_lm(pre, fts[:1], SmileSettings(rank_of_router=2, rank_of_expert=16), progress=False)  # 16 = min dim (k/v_proj)
     assert (logits(full_rank) - logits(fts[0])).abs().max() > 1e-4  # q/o/mlp keep only rank 16 of 32: not exact
     torch.testing.assert_close(full_rank.model.layers[0].self_attn.k_proj(torch.eye(32)),
                                fts[0].model.layers[0].self_attn.k_proj(torch.eye(32)), rtol=1e-5, atol=1e-5)
@@ -88,8 +90,8 @@ def test_projection_equals_fusion_bench_upscale_to_smile_linear(mistral_family):
     from fusion_bench.models.smile_moe.linear_from_hf_config import upscale_to_smile_linear
 
     pre, fts, _ = mistral_family
-    ours = upscale_causal_lm(pre, fts, progress=False, **SMILE)
-    cfg = SmileMistralConfig(num_local_experts=3, **SMILE)
+    ours = upscale_causal_lm(pre, fts, SMILE, progress=False)
+    cfg = SmileMistralConfig(num_local_experts=3, **SMILE_KWARGS)
     for name in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]:
         base = pre.model.layers[0].get_submodule(name)
         target = FusionBenchSmileLinear(cfg, base.in_features, base.out_features, bias=False)
@@ -102,7 +104,7 @@ def test_projection_equals_fusion_bench_upscale_to_smile_linear(mistral_family):
 def test_qwen2_with_biases_round_trips(tmp_path):
     pre = tiny_causal_lm("qwen2", layers=2)
     fts = finetuned_copies(pre, 2, only=r"_proj\.(weight|bias)")
-    model = upscale_causal_lm(pre, fts, progress=False, **SMILE)
+    model = upscale_causal_lm(pre, fts, SMILE, progress=False)
     assert model.config.model_type == "smile_qwen2" and model.model.layers[0].self_attn.q_proj.expert_bias is not None
     model.save_pretrained(tmp_path / "q")
     assert torch.equal(logits(model), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()))
@@ -110,8 +112,8 @@ def test_qwen2_with_biases_round_trips(tmp_path):
 
 def test_model_dtype_bfloat16_streaming(tmp_path, mistral_family):
     _, _, root = mistral_family
-    out = upscale_causal_lm_checkpoint(root / "base", [root / "ft0", root / "ft1"], tmp_path / "bf16", model_dtype=torch.bfloat16,
-                                       progress=False, **SMILE)
+    out = upscale_causal_lm_checkpoint(root / "base", [root / "ft0", root / "ft1"], tmp_path / "bf16",
+                                       replace(SMILE, model_dtype=torch.bfloat16), progress=False)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert AutoConfig.from_pretrained(out).dtype == torch.bfloat16
@@ -121,34 +123,34 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, mistral_family):
     pre, fts, root = mistral_family
     experts = [root / "ft0", root / "ft1"]
     with pytest.raises(ValueError, match=r"T=0"):
-        upscale_causal_lm_checkpoint(root / "base", [], tmp_path / "a", progress=False, **SMILE)
+        upscale_causal_lm_checkpoint(root / "base", [], tmp_path / "a", SMILE, progress=False)
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.k_proj: k=17 out of range .*16x32"):
-        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", rank_of_router=4, rank_of_expert=17, progress=False)
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", SmileSettings(rank_of_router=4, rank_of_expert=17), progress=False)
     with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, 2\]"):
-        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", rank_of_router=4, rank_of_expert=8, num_experts_per_tok=3)
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", replace(SMILE, num_experts_per_tok=3))
     with pytest.raises(ValueError, match="nothing to upscale"):
-        upscale_causal_lm_checkpoint(root / "base", [root / "base"], tmp_path / "a", progress=False, **SMILE | dict(num_experts_per_tok=1))
+        upscale_causal_lm_checkpoint(root / "base", [root / "base"], tmp_path / "a", replace(SMILE, num_experts_per_tok=1), progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # atomic: no partial output
     bigger = tiny_causal_lm("mistral", layers=3)
     bigger.model.layers[2].mlp.up_proj = torch.nn.Linear(32, 48, bias=False)
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj: fine-tuned model 0 has weight shape \(48, 32\)"):
-        upscale_causal_lm(pre, [bigger], progress=False, **SMILE | dict(num_experts_per_tok=1))
+        upscale_causal_lm(pre, [bigger], replace(SMILE, num_experts_per_tok=1), progress=False)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
-        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "exists", progress=False, **SMILE)
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "exists", SMILE, progress=False)
 
 
 def test_algorithm_streams_from_causal_lm_pool_and_caches(tmp_path, mistral_family):
     pre, fts, root = mistral_family
     models = {"_pretrained_": str(root / "base"), **{f"ft{i}": str(root / f"ft{i}") for i in range(3)}}
     out = tmp_path / "smile"
-    algo = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE)
+    algo = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE_KWARGS)
     streamed = algo.run(CausalLMPool(models, tokenizer=None))
     assert (out / "config.json").exists()
-    in_memory = SmileMistralUpscalingAlgorithm(**SMILE).run(
+    in_memory = SmileMistralUpscalingAlgorithm(**SMILE_KWARGS).run(
         BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"ft{i}": copy.deepcopy(m) for i, m in enumerate(fts)}}))
     assert torch.equal(logits(streamed), logits(in_memory))
-    cached = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE).run(CausalLMPool(models, tokenizer=None))
+    cached = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE_KWARGS).run(CausalLMPool(models, tokenizer=None))
     assert torch.equal(logits(cached), logits(streamed))
 
 
@@ -162,5 +164,5 @@ def test_hub_ids_resolve_to_snapshots_and_stream(tmp_path, mistral_family, monke
     real = algorithm.upscale_causal_lm_checkpoint
     monkeypatch.setattr(algorithm, "upscale_causal_lm_checkpoint", lambda *a, **kw: streamed.append(a) or real(*a, **kw))
     pool = CausalLMPool({"_pretrained_": "org/base", "ft0": "org/ft0", "ft1": "org/ft1"}, tokenizer=None)
-    model = SmileMistralUpscalingAlgorithm(**SMILE).run(pool)
+    model = SmileMistralUpscalingAlgorithm(**SMILE_KWARGS).run(pool)
     assert streamed and streamed[0][0] == root / "base" and model.config.num_local_experts == 2

@@ -16,7 +16,7 @@ from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from fusion_bench_pave.smile.causal_lm.upscale import upscale_causal_lm, upscale_causal_lm_checkpoint
+from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import atomic_output_dir, load_smile_model, save_smile_model
 from fusion_bench_pave.smile.svd import SvdMethod
 from fusion_bench_pave.smile.upscale import upscale_model
@@ -148,7 +148,7 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
         if self.model_path is not None and Path(self.model_path).exists() and not self.overwrite:
             log.info("loading cached SMILE model from %s", self.model_path)
             return AutoModelForCausalLM.from_pretrained(self.model_path).to(device)
-        smile = dict(
+        smile = SmileSettings(
             num_experts_per_tok=self.num_experts_per_tok, rank_of_router=self.rank_of_router,
             rank_of_expert=self.rank_of_expert, model_dtype=parse_dtype(self.model_dtype),
             svd_method=self.svd_method, compute_device=resolve_device(self.accelerator),
@@ -158,11 +158,11 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
             with tempfile.TemporaryDirectory() as scratch:
                 out = self.model_path or Path(scratch) / "smile"
                 upscale_causal_lm_checkpoint(
-                    dirs[0], dirs[1:], out, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite, **smile
+                    dirs[0], dirs[1:], out, smile, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite
                 )
                 return AutoModelForCausalLM.from_pretrained(out).to(device).eval()
         log.info("pool entries are not all safetensors checkpoints; upscaling in memory")
-        model = upscale_causal_lm(modelpool.load_pretrained_model().to(device), [m.to(device) for m in modelpool.models()], **smile)
+        model = upscale_causal_lm(modelpool.load_pretrained_model().to(device), [m.to(device) for m in modelpool.models()], smile)
         if self.model_path is not None:
             with atomic_output_dir(self.model_path, self.overwrite) as tmp:
                 model.save_pretrained(tmp)

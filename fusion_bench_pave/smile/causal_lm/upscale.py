@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,18 +36,34 @@ PROJECTION_BIAS = re.compile(rf"(?:.*\.)?layers\.\d+\.(?:{_PROJ})\.bias")
 _NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path")
 
 
-def smile_config_from(base: PretrainedConfig, num_local_experts: int, num_experts_per_tok: int, rank_of_router: int, rank_of_expert: int) -> PretrainedConfig:
+@dataclass(frozen=True)
+class SmileSettings:
+    """The SMILE causal-LM upscaling settings, named as in FusionBench's ``SmileMistralUpscalingAlgorithm``.
+
+    ``rank_of_expert`` <= 0 gives dense experts; ``model_dtype`` None keeps the pretrained dtype;
+    ``compute_device`` is where the SVDs run (None: where the weights are).
+    """
+
+    num_experts_per_tok: int = 1
+    rank_of_router: int = 8
+    rank_of_expert: int = 512
+    model_dtype: torch.dtype | None = None
+    svd_method: SvdMethod = "auto"
+    compute_device: torch.device | str | None = None
+
+
+def smile_config_from(base: PretrainedConfig, num_local_experts: int, settings: SmileSettings) -> PretrainedConfig:
     """The SMILE config for a base Mistral / Llama / Qwen2 config."""
     if base.model_type not in SMILE_CONFIGS:
         raise ValueError(f"SMILE causal-LM upscaling supports model types {sorted(SMILE_CONFIGS)}, got {base.model_type!r}")
     if num_local_experts < 1:
         raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
-    if not 1 <= num_experts_per_tok <= num_local_experts:
-        raise ValueError(f"num_experts_per_tok must be in [1, {num_local_experts}] (the number of fine-tuned models), got {num_experts_per_tok}")
+    if not 1 <= settings.num_experts_per_tok <= num_local_experts:
+        raise ValueError(f"num_experts_per_tok must be in [1, {num_local_experts}] (the number of fine-tuned models), got {settings.num_experts_per_tok}")
     fields = {key: value for key, value in base.to_dict().items() if key not in _NOT_COPIED}
     cls = SMILE_CONFIGS[base.model_type]
-    config = cls(**fields, num_local_experts=num_local_experts, num_experts_per_tok=num_experts_per_tok,
-                 rank_of_router=rank_of_router, rank_of_expert=rank_of_expert)
+    config = cls(**fields, num_local_experts=num_local_experts, num_experts_per_tok=settings.num_experts_per_tok,
+                 rank_of_router=settings.rank_of_router, rank_of_expert=settings.rank_of_expert)
     config.architectures = [SMILE_CAUSAL_LMS[base.model_type].__name__]
     return config
 
@@ -74,12 +91,7 @@ def _get(source: Mapping[str, Tensor], name: str, which: str) -> Tensor:
 def smile_causal_lm_tensors(
     base: Mapping[str, Tensor],
     experts: Sequence[Mapping[str, Tensor]],
-    *,
-    rank_of_router: int,
-    rank_of_expert: int,
-    dtype: torch.dtype | None = None,
-    svd_method: SvdMethod = "auto",
-    compute_device: torch.device | str | None = None,
+    settings: SmileSettings,
     progress: bool = True,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield the SMILE causal LM's tensors in ``base``'s order; raise if no projection changed.
@@ -89,6 +101,7 @@ def smile_causal_lm_tensors(
     """
     if not experts:
         raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
+    rank_of_router, rank_of_expert, dtype = settings.rank_of_router, settings.rank_of_expert, settings.model_dtype
     names = list(base)
     n_proj = sum(bool(PROJECTION_WEIGHT.fullmatch(n)) for n in names)
     if n_proj == 0:
@@ -110,7 +123,8 @@ def smile_causal_lm_tensors(
         check_layer_inputs(name.removesuffix(".weight"), w0, ws, b0, bs, rank_of_router, rank_of_expert)
         out_dtype = dtype or w0.dtype
         if layer_changed(w0, ws, b0, bs):
-            tensors = smile_tensors(w0, ws, b0, bs, rank_of_router, rank_of_expert, True, svd_method, compute_device, out_dtype, name=name)
+            tensors = smile_tensors(w0, ws, b0, bs, rank_of_router, rank_of_expert, True, settings.svd_method,
+                                    settings.compute_device, out_dtype, name=name)
             changed += 1
         else:
             tensors = _placeholder(w0, b0, len(experts), rank_of_router, rank_of_expert, out_dtype)
@@ -131,13 +145,8 @@ def upscale_causal_lm_checkpoint(
     base_path: str | os.PathLike,
     expert_paths: Sequence[str | os.PathLike],
     out_path: str | os.PathLike,
+    settings: SmileSettings = SmileSettings(),
     *,
-    num_experts_per_tok: int = 1,
-    rank_of_router: int = 8,
-    rank_of_expert: int = 512,
-    model_dtype: torch.dtype | None = None,
-    svd_method: SvdMethod = "auto",
-    compute_device: torch.device | str | None = None,
     max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
     progress: bool = True,
@@ -148,17 +157,14 @@ def upscale_causal_lm_checkpoint(
     ``fusion_bench_pave.smile.causal_lm``. Tokenizer and generation files are copied from the base.
     """
     base_path = Path(base_path)
-    config = smile_config_from(AutoConfig.from_pretrained(base_path), len(expert_paths), num_experts_per_tok, rank_of_router, rank_of_expert)
-    if model_dtype is not None:
-        config.dtype = model_dtype
+    config = smile_config_from(AutoConfig.from_pretrained(base_path), len(expert_paths), settings)
+    if settings.model_dtype is not None:
+        config.dtype = settings.model_dtype
     base = SafetensorsCheckpoint(base_path)
     experts = [SafetensorsCheckpoint(p) for p in expert_paths]
     with atomic_output_dir(out_path, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for name, tensor in smile_causal_lm_tensors(
-            base, experts, rank_of_router=rank_of_router, rank_of_expert=rank_of_expert, dtype=model_dtype,
-            svd_method=svd_method, compute_device=compute_device, progress=progress,
-        ):
+        for name, tensor in smile_causal_lm_tensors(base, experts, settings, progress):
             writer.add(name, tensor)
         writer.close()
         config.save_pretrained(tmp)
@@ -172,21 +178,13 @@ def upscale_causal_lm_checkpoint(
 def upscale_causal_lm(
     pretrained: PreTrainedModel,
     finetuned: Sequence[PreTrainedModel],
+    settings: SmileSettings = SmileSettings(),
     *,
-    num_experts_per_tok: int = 1,
-    rank_of_router: int = 8,
-    rank_of_expert: int = 512,
-    model_dtype: torch.dtype | None = None,
-    svd_method: SvdMethod = "auto",
-    compute_device: torch.device | str | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
     """In-memory variant of :func:`upscale_causal_lm_checkpoint` for already loaded models."""
-    config = smile_config_from(pretrained.config, len(finetuned), num_experts_per_tok, rank_of_router, rank_of_expert)
-    state = dict(smile_causal_lm_tensors(
-        pretrained.state_dict(), [m.state_dict() for m in finetuned], rank_of_router=rank_of_router,
-        rank_of_expert=rank_of_expert, dtype=model_dtype, svd_method=svd_method, compute_device=compute_device, progress=progress,
-    ))
-    model = SMILE_CAUSAL_LMS[pretrained.config.model_type](config).to(model_dtype or pretrained.dtype)
+    config = smile_config_from(pretrained.config, len(finetuned), settings)
+    state = dict(smile_causal_lm_tensors(pretrained.state_dict(), [m.state_dict() for m in finetuned], settings, progress))
+    model = SMILE_CAUSAL_LMS[pretrained.config.model_type](config).to(settings.model_dtype or pretrained.dtype)
     model.load_state_dict(state, strict=True)
     return model.to(pretrained.device).eval()
