@@ -19,6 +19,7 @@ from fusion_bench.method.dare import DareTiesMerging
 from fusion_bench.method.emr_merging import EMRMerging
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import algorithm as pave_algorithm
+from fusion_bench_pave.pave import cache as pave_cache
 from fusion_bench_pave.pave.purify import purify_weight
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
@@ -164,7 +165,7 @@ def test_allocations_and_report_files(tmp_path):
 def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch):
     first = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 3 and all(f.startswith("pave_cov_") for f in files)
+    assert len(files) == 3 and all(f.startswith("pave_cov_v2_") and f.endswith(".safetensors") for f in files)
 
     def no_collection(*args, **kwargs):
         raise AssertionError("covariance recollected despite a cache hit")
@@ -179,10 +180,11 @@ def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch
         pave(TIES, rho=0.8, num_samples=8, cache_dir=str(tmp_path)).run(make_pool("clip"))
     monkeypatch.undo()
 
-    def broken_save(*args, **kwargs):
+    def broken_save(handle, *args, **kwargs):
+        handle.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(pave_cache, "save_stats", broken_save)
     with pytest.raises(OSError, match="disk full"):
         pave(TIES, num_samples=10, cache_dir=str(tmp_path)).run(make_pool("clip"))
     assert sorted(os.listdir(tmp_path)) == files  # nothing half-written

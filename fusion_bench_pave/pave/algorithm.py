@@ -160,7 +160,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of every Linear of `model` on task's calibration samples; with several
-        processes each takes a shard and the sums are all-reduced. Cached on disk if configured."""
+        processes each takes a shard and the sums are all-reduced. Cached on disk if configured;
+        statistics from the cache (also right after saving them there) are read lazily from it."""
         dataset = load_calibration_dataset(modelpool, task, self.calibration_datasets)
         indices = sample_indices(len(dataset), self.num_samples, self.seed, task)
         cache = CovarianceCache(self.cache_dir) if self.cache_dir else None
@@ -176,6 +177,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "exclude": self.excluded_patterns,
         }
         if cache is not None and (stats := cache.load(parts)) is not None:
+            log.info(f"task '{task}': covariance statistics from the cache")
             self._cache_hits.append(task)
             return stats
 
@@ -227,6 +229,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             if fabric.is_global_zero:
                 cache.save(parts, stats)
             fabric.barrier()
+            return cache.load(parts) or stats  # in memory if this process cannot see rank 0's cache
         return stats
 
     def _preprocessor(self, modelpool: BaseModelPool) -> Any:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fusion_bench_pave.atomic import atomic_file
 from fusion_bench_pave.pave.covariance import CovarianceStats
+from fusion_bench_pave.pave.stats_file import load_stats, save_stats
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,15 @@ def cache_key(parts: Mapping[str, Any]) -> str:
 
 
 class CovarianceCache:
-    """Directory of `<key>.pt` files holding CovarianceStats and the key parts they were made from."""
+    """Directory of statistics files (stats_file.py), one per key, recording the key parts they were
+    made from. Loaded statistics are lazy: each covariance is read from the file when used. The
+    version in the file name keeps files of older formats (``pave_cov_<key>.pt``) out of reach."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
     def path(self, key: str) -> Path:
-        return self.root / f"pave_cov_{key}.pt"
+        return self.root / f"pave_cov_v2_{key}.safetensors"
 
     def load(self, parts: Mapping[str, Any]) -> Optional[CovarianceStats]:
         """Cached statistics for these key parts, or None."""
@@ -50,26 +53,25 @@ class CovarianceCache:
         if not path.exists():
             return None
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            stats, metadata = load_stats(path)
         except Exception as error:  # truncated/corrupt file (e.g. written by another tool): recompute
             log.warning(f"ignoring unreadable covariance cache {path}: {error}")
             return None
-        if payload["parts"] != json.loads(json.dumps(dict(parts), sort_keys=True, default=str)):
+        if json.loads(metadata.get("parts", "null")) != canonical(parts):
+            stats.xtx.close()
             log.warning(f"ignoring covariance cache {path}: key parts differ (hash collision?)")
             return None
-        log.info(f"covariance cache hit: {path}")
-        return CovarianceStats(xtx=payload["xtx"], count=payload["count"], input_of=payload["input_of"])
+        log.debug(f"covariance statistics from the cache: {path}")
+        return stats
 
     def save(self, parts: Mapping[str, Any], stats: CovarianceStats) -> Path:
         """Write atomically: a reader sees the old file, the new file, or nothing; never half a file."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(cache_key(parts))
-        payload = {
-            "parts": json.loads(json.dumps(dict(parts), sort_keys=True, default=str)),
-            "xtx": stats.xtx,
-            "count": stats.count,
-            "input_of": stats.input_of,
-        }
         with atomic_file(path, "wb") as handle:
-            torch.save(payload, handle)
+            save_stats(handle, stats, {"parts": json.dumps(canonical(parts), sort_keys=True)})
         return path
+
+
+def canonical(parts: Mapping[str, Any]) -> Any:
+    """The key parts as they read back from JSON (tuples as lists, other objects as strings)."""
+    return json.loads(json.dumps(dict(parts), sort_keys=True, default=str))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from scipy.linalg import blas
@@ -47,9 +47,10 @@ def symmetrize_(acc: Tensor, block: int = 1024) -> Tensor:
 
 @dataclass
 class CovarianceStats:
-    """Sums of X^T X per distinct input, token counts, and which input each Linear reads."""
+    """Sums of X^T X per distinct input, token counts, and which input each Linear reads. `xtx` is a
+    dict while collecting; statistics read from disk have a lazy mapping (stats_file.LazyTensors)."""
 
-    xtx: dict[str, Tensor] = field(default_factory=dict)
+    xtx: Mapping[str, Tensor] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
     input_of: dict[str, str] = field(default_factory=dict)
 

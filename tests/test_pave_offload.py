@@ -1,0 +1,144 @@
+"""Covariance statistics on disk: the safetensors statistics file and the lazy covariance cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from pave_helpers import make_pool
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fusion_bench_pave  # noqa: F401  (transformers compat shim)
+from fusion_bench_pave.atomic import atomic_file
+from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave.cache import CovarianceCache, cache_key, canonical
+from fusion_bench_pave.pave.covariance import CovarianceStats
+from fusion_bench_pave.pave.stats_file import LazyTensors, load_stats, save_stats, write_tensors
+
+TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
+def pave(**kwargs) -> PAVE:
+    return PAVE(**{"merger": TA, "rho": 0.75, "num_samples": 12, "batch_size": 4, "eps0": 0.01, **kwargs})
+
+
+def random_stats(seed: int = 0, dtype: torch.dtype = torch.float64) -> CovarianceStats:
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(50, 6, generator=generator, dtype=dtype), torch.randn(50, 9, generator=generator, dtype=dtype)
+    return CovarianceStats(
+        xtx={"enc.q": x.T @ x, "enc.fc2": y.T @ y},
+        count={"enc.q": 50, "enc.fc2": 47},
+        input_of={"enc.q": "enc.q", "enc.k": "enc.q", "enc.fc2": "enc.fc2"},
+    )
+
+
+def write(path, stats: CovarianceStats, metadata=None) -> None:
+    with open(path, "wb") as handle:
+        save_stats(handle, stats, metadata)
+
+
+# ------------------------------------------------------------------ statistics file
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_statistics_file_round_trip_is_exact_and_lazy(tmp_path, dtype):
+    stats = random_stats(dtype=dtype)
+    write(tmp_path / "s.safetensors", stats, {"note": "x"})
+    loaded, metadata = load_stats(tmp_path / "s.safetensors")
+    assert isinstance(loaded.xtx, LazyTensors) and metadata == {"note": "x"}
+    assert loaded.count == stats.count and loaded.input_of == stats.input_of
+    assert list(loaded.xtx) == ["enc.q", "enc.fc2"] and loaded.xtx.nbytes == (36 + 81) * dtype.itemsize
+    for key, value in stats.xtx.items():
+        read = loaded.xtx[key]
+        assert read.dtype == dtype and torch.equal(read, value)
+        read.add_(1)  # each lookup is a fresh tensor: writing to it changes neither the file nor a later read
+        assert torch.equal(loaded.xtx[key], value)
+    assert torch.equal(loaded.covariance("enc.k"), stats.covariance("enc.k"))
+
+
+def test_statistics_file_is_plain_safetensors(tmp_path):
+    stats = random_stats()
+    write(tmp_path / "ours.safetensors", stats)
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:  # the library reads ours
+        assert json.loads(f.metadata()["count"]) == stats.count
+        for key, value in stats.xtx.items():
+            assert torch.equal(f.get_tensor(key), value)
+    tensors = {"a": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(5), "empty": torch.zeros(0, 2)}
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"k": "v"})
+    lazy = LazyTensors(tmp_path / "theirs.safetensors")  # we read the library's
+    assert lazy.metadata == {"k": "v"} and sorted(lazy) == ["a", "b", "empty"]
+    for key, value in tensors.items():
+        assert torch.equal(lazy[key], value)
+    with pytest.raises(ValueError, match="format None"):  # but it is no statistics file
+        load_stats(tmp_path / "theirs.safetensors")
+
+
+def test_a_lazy_reader_keeps_the_file_it_opened(tmp_path):
+    path = tmp_path / "s.safetensors"
+    write(path, random_stats(1))
+    loaded, _ = load_stats(path)
+    with atomic_file(path, "wb") as handle:  # replaced on disk (as a concurrent cache writer would)
+        save_stats(handle, random_stats(2))
+    assert torch.equal(loaded.xtx["enc.q"], random_stats(1).xtx["enc.q"])
+    os.remove(path)
+    assert torch.equal(loaded.xtx["enc.fc2"], random_stats(1).xtx["enc.fc2"])
+    loaded.xtx.close()
+    with pytest.raises(ValueError):
+        loaded.xtx["enc.q"]
+
+
+def test_truncated_or_foreign_files_are_rejected(tmp_path):
+    path = tmp_path / "s.safetensors"
+    write(path, random_stats())
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        LazyTensors(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        LazyTensors(path)
+    with pytest.raises(ValueError, match=r"metadata keys \['count'\] are reserved"):
+        write(path, random_stats(), {"count": "1"})
+    with open(path, "wb") as handle, pytest.raises(TypeError, match="torch.int64"):
+        write_tensors(handle, {"ids": torch.arange(3)}, {})
+
+
+# --------------------------------------------------------------------------- cache
+def test_cache_round_trip_is_lazy_and_exact(tmp_path):
+    cache, parts = CovarianceCache(tmp_path), {"model": "abc", "exclude": ("head",), "num_rows": None}
+    stats = random_stats()
+    path = cache.save(parts, stats)
+    assert path.name == f"pave_cov_v2_{cache_key(parts)}.safetensors"
+    loaded = cache.load(parts)
+    assert isinstance(loaded.xtx, LazyTensors)
+    assert loaded.count == stats.count and loaded.input_of == stats.input_of
+    assert loaded.xtx.keys() == stats.xtx.keys()
+    for key, value in stats.xtx.items():
+        assert torch.equal(loaded.xtx[key], value)
+    assert cache.load({**parts, "model": "abd"}) is None
+    _, metadata = load_stats(path)
+    assert json.loads(metadata["parts"]) == canonical(parts) == {"model": "abc", "exclude": ["head"], "num_rows": None}
+
+
+def test_an_old_format_pt_cache_entry_is_ignored(tmp_path, monkeypatch):
+    """A version-1 file (torch.save of a dict, `pave_cov_<key>.pt`) with the right key and wrong
+    numbers: a run must recollect (no hit) and give the numbers of a run without any cache."""
+    fresh = pave(cache_dir=str(tmp_path / "fresh")).run(make_pool("clip"))["model"]
+    old = tmp_path / "old"
+    old.mkdir()
+    keys = []
+    original = CovarianceCache.load
+
+    def record_and_plant(self, parts):
+        key = cache_key(parts)
+        keys.append(key)
+        stats = random_stats()
+        torch.save({"parts": canonical(parts), "xtx": {k: v * 0 for k, v in stats.xtx.items()}, "count": stats.count,
+                    "input_of": stats.input_of}, old / f"pave_cov_{key}.pt")
+        return original(self, parts)
+
+    monkeypatch.setattr(CovarianceCache, "load", record_and_plant)
+    result = pave(cache_dir=str(old)).run(make_pool("clip"))
+    assert len(keys) == 6 and result["pave"]["covariance_cache_hits"] == 0  # load before and after each save
+    assert sorted(p.suffix for p in old.iterdir()) == [".pt"] * 3 + [".safetensors"] * 3
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(result["model"].state_dict()[key], value), key
