@@ -238,6 +238,8 @@ ROWS = [
      ValueError, r"allocation must be one of per_layer, per_model, uniform; got 'greedy'"),
     ("pave: unknown accumulate dtype", pave_row(accumulate_dtype="float16"),
      ValueError, r"accumulate_dtype must be one of float32, float64; got 'float16'"),
+    ("pave: unknown covariance offload", pave_row(covariance_offload="swap"),
+     ValueError, r"covariance_offload must be one of auto, memory, disk; got 'swap'"),
     ("pave: zero batch size", pave_row(batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
     ("pave: DARE drops everything", pave_row(dare={"sparsity_ratio": 1.0}),
      ValueError, r"dare\.sparsity_ratio must be in \[0, 1\), got 1\.0"),

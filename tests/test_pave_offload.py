@@ -1,9 +1,11 @@
-"""Covariance statistics on disk: the safetensors statistics file and the lazy covariance cache."""
+"""Covariance statistics on disk: the safetensors statistics file, the lazy covariance cache, and
+PAVE's covariance_offload, which must purify bit for bit like the in-memory path."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,11 +16,20 @@ from safetensors.torch import save_file
 import fusion_bench_pave  # noqa: F401  (transformers compat shim)
 from fusion_bench_pave.atomic import atomic_file
 from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave import algorithm as pave_algorithm
 from fusion_bench_pave.pave.cache import CovarianceCache, cache_key, canonical
 from fusion_bench_pave.pave.covariance import CovarianceStats
+from fusion_bench_pave.pave.offload import SPILL_PREFIX, CovarianceOffload, goes_to_disk
 from fusion_bench_pave.pave.stats_file import LazyTensors, load_stats, save_stats, write_tensors
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
+TIES = {
+    "_target_": "fusion_bench.method.TiesMergingAlgorithm",
+    "scaling_factor": 0.7, "threshold": 20, "remove_keys": [], "merge_func": "sum",
+}
+PURIFY = PAVE.purify_
+
+
 def pave(**kwargs) -> PAVE:
     return PAVE(**{"merger": TA, "rho": 0.75, "num_samples": 12, "batch_size": 4, "eps0": 0.01, **kwargs})
 
@@ -142,3 +153,87 @@ def test_an_old_format_pt_cache_entry_is_ignored(tmp_path, monkeypatch):
     assert sorted(p.suffix for p in old.iterdir()) == [".pt"] * 3 + [".safetensors"] * 3
     for key, value in fresh.state_dict().items():
         assert torch.equal(result["model"].state_dict()[key], value), key
+
+
+# ------------------------------------------------------------------------- offload
+def test_auto_goes_to_disk_once_the_projected_size_exceeds_the_threshold():
+    assert not goes_to_disk("auto", 2**28, 4)  # exactly 1 GiB stays in memory
+    assert goes_to_disk("auto", 2**28 + 1, 4)
+    assert goes_to_disk("auto", 2**28, 5)
+    assert goes_to_disk("disk", 1, 1) and not goes_to_disk("memory", 2**40, 8)
+    offload = CovarianceOffload("auto", num_tasks=3, threshold=3 * (36 + 81) * 8 - 1)
+    with offload:
+        kept = offload.keep(random_stats())  # 3 x 936 bytes > threshold: the first task decides for all
+        assert offload.on_disk and isinstance(kept.xtx, LazyTensors)
+        assert torch.equal(kept.xtx["enc.fc2"], random_stats().xtx["enc.fc2"])
+        spill = offload.spill_dir
+        assert sorted(p.name for p in spill.iterdir()) == ["task0.safetensors"]
+    assert not spill.exists()
+    with CovarianceOffload("auto", num_tasks=3, threshold=3 * (36 + 81) * 8) as offload:
+        assert offload.keep(random_stats()).xtx.__class__ is dict and not offload.on_disk
+        assert offload.spill_dir is None
+
+
+@pytest.fixture
+def spill_root(tmp_path, monkeypatch):
+    """TMPDIR of this test, so its spill directories can be seen and counted."""
+    root = tmp_path / "tmpdir"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def run_recording(algorithm: PAVE, spill_root, monkeypatch) -> tuple[dict, dict]:
+    """Run PAVE on the tiny CLIP pool; return its result and what purify_ was given."""
+    seen = {}
+
+    def spy(self, finetuned, stats):
+        seen["lazy"] = [isinstance(s.xtx, LazyTensors) for s in stats.values()]
+        seen["spilled"] = sorted(p.name for p in spill_root.glob(f"{SPILL_PREFIX}*/*"))
+        return PURIFY(self, finetuned, stats)
+
+    monkeypatch.setattr(PAVE, "purify_", spy)
+    return algorithm.run(make_pool("clip")), seen
+
+
+@pytest.mark.parametrize("allocation, cached", [("per_layer", False), ("per_model", False), ("per_layer", True)])
+def test_offload_to_disk_purifies_bit_for_bit_like_memory(tmp_path, spill_root, monkeypatch, allocation, cached):
+    runs = {}
+    for mode in ("memory", "disk"):
+        cache = str(tmp_path / f"cache_{mode}") if cached else None
+        algorithm = pave(merger=TIES if allocation == "per_layer" else TA, allocation=allocation,
+                         covariance_offload=mode, cache_dir=cache)
+        result, seen = run_recording(algorithm, spill_root, monkeypatch)
+        runs[mode] = (result["model"].state_dict(), algorithm.extras, seen)
+    (memory, memory_extras, memory_seen), (disk, disk_extras, disk_seen) = runs["memory"], runs["disk"]
+    assert memory_seen["lazy"] == [False] * 3 and disk_seen["lazy"] == [True] * 3
+    assert memory_seen["spilled"] == [] and memory_extras["covariance_offload"] == "memory"
+    assert disk_extras["covariance_offload"] == "disk"
+    assert disk_seen["spilled"] == ([] if cached else ["task0.safetensors", "task1.safetensors", "task2.safetensors"])
+    assert list(spill_root.iterdir()) == []  # removed at the end of the run
+    assert disk_extras["ranks"] == memory_extras["ranks"]
+    assert min(r for ranks in disk_extras["ranks"].values() for r in ranks.values()) < 32  # something was dropped
+    assert disk.keys() == memory.keys()
+    for key, value in memory.items():
+        assert torch.equal(disk[key], value), key
+
+
+def test_spill_directory_is_removed_after_an_error_in_purification(spill_root, monkeypatch):
+    spilled = []
+
+    def failing_eigh(*args, **kwargs):
+        spilled.extend(spill_root.glob(f"{SPILL_PREFIX}*/*"))
+        raise RuntimeError("eigh failed")
+
+    monkeypatch.setattr(pave_algorithm, "context_eigh", failing_eigh)
+    with pytest.raises(RuntimeError, match="eigh failed"):
+        pave(covariance_offload="disk").run(make_pool("clip"))
+    assert len(spilled) == 3 and all(p.suffix == ".safetensors" for p in spilled)
+    assert list(spill_root.iterdir()) == []
+
+
+def test_auto_keeps_small_statistics_in_memory_and_reads_cache_hits_fully(tmp_path, spill_root, monkeypatch):
+    pave(cache_dir=str(tmp_path)).run(make_pool("clip"))
+    result, seen = run_recording(pave(cache_dir=str(tmp_path)), spill_root, monkeypatch)
+    assert result["pave"]["covariance_cache_hits"] == 3 and result["pave"]["covariance_offload"] == "memory"
+    assert seen["lazy"] == [False] * 3 and seen["spilled"] == []

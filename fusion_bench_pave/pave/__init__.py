@@ -2,8 +2,10 @@
 
 Pure math (torch only):  covariance.py (streaming X^T X hooks), regularize.py (C + eps I),
 purify.py (context SVD, projection U_r U_r^T W), rank_allocation.py (spectral rank allocation),
-cache.py (atomic on-disk covariance cache). FusionBench glue: calibration.py (train split -> model
-inputs), algorithm.py (the `PAVE` algorithm), plot.py (rank heatmap).
+stats_file.py (statistics as safetensors, read one tensor at a time), cache.py (atomic on-disk
+covariance cache), offload.py (statistics in memory or on disk until purification). FusionBench
+glue: calibration.py (train split -> model inputs), algorithm.py (the `PAVE` algorithm), plot.py
+(rank heatmap).
 
 Usage: ``fusion_bench method=pave_ties modelpool=... taskpool=...`` (also pave_ta, pave_dare_ties,
 pave_emr), or ``PAVE(merger={...}, rho=...).run(modelpool)``.

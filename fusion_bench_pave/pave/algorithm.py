@@ -36,6 +36,7 @@ from fusion_bench_pave.pave.calibration import (
 )
 from fusion_bench_pave.pave.config_checks import check_hyperparameters
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
+from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
 from fusion_bench_pave.pave.rank_allocation import allocate_ranks, floor_rank, normalized_spectrum
@@ -73,6 +74,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         dare: Optional[DictConfig] = None,
         seed: int = 42,
         cache_dir: Optional[str] = None,
+        covariance_offload: Offload = "auto",
         report_extras: bool = True,
         **kwargs: Any,
     ):
@@ -97,6 +99,10 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
                 the raw deltas before purification (seeded with `seed`).
             seed: seed of calibration sampling and DARE.
             cache_dir: directory of the covariance cache (None disables it).
+            covariance_offload: where the statistics of all tasks wait for purification, which
+                reads one layer's covariances at a time: "memory", "disk" (the cache files, else a
+                temporary directory under TMPDIR removed at the end of the run) or "auto" (disk
+                once T times the first task's statistics exceed 1 GiB). Results are identical.
             report_extras: return {"model": merged, "pave": summary} so a summary of the extras
                 reaches the program's report (see `report_summary`). The full extras, with every
                 (task, layer) rank, are in `self.extras` and in pave_report.json in the log dir.
@@ -118,14 +124,17 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
 
         start = time.perf_counter()
         self._cache_hits, self._preprocessor_object = [], None
-        stats = {name: self.task_covariance(modelpool, name, model) for name, model in finetuned.items()}
-        covariance_time = time.perf_counter() - start
+        with CovarianceOffload(self.covariance_offload, len(finetuned)) as offload:
+            stats = {
+                name: offload.keep(self.task_covariance(modelpool, name, model)) for name, model in finetuned.items()
+            }
+            covariance_time = time.perf_counter() - start
 
-        if self.dare:
-            dare_(pretrained, finetuned, self.dare, self.seed)
-        start = time.perf_counter()
-        ranks, full_ranks = self.purify_(finetuned, stats)
-        purification_time = time.perf_counter() - start
+            if self.dare:
+                dare_(pretrained, finetuned, self.dare, self.seed)
+            start = time.perf_counter()
+            ranks, full_ranks = self.purify_(finetuned, stats)
+            purification_time = time.perf_counter() - start
 
         merged = self.merge(pretrained, finetuned)
         extras = {
@@ -134,6 +143,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             "covariance_time_s": covariance_time,
             "purification_time_s": purification_time,
             "covariance_cache_hits": self._cache_hits,
+            "covariance_offload": "disk" if offload.on_disk else "memory",
             "kept_ratio": {
                 t: sum(r.values()) / max(1, sum(full_ranks.values())) for t, r in ranks.items()
             },

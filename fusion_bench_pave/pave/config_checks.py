@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 from fusion_bench.utils.packages import import_object
 
+from fusion_bench_pave.pave.offload import Offload
 from fusion_bench_pave.pave.rank_allocation import Allocation
 
 REGULARIZATIONS = ("doubling", "relative")
@@ -47,6 +48,7 @@ def check_hyperparameters(algorithm: Any, dtypes: Mapping[str, Any]) -> None:
         "allocation": get_args(Allocation),
         "regularization": REGULARIZATIONS,
         "accumulate_dtype": tuple(dtypes),
+        "covariance_offload": get_args(Offload),
     }
     for name, allowed in choices.items():
         if getattr(algorithm, name) not in allowed:
