@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fusion_bench import BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
 from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
-from fusion_bench_pave.taskpool.report import evaluate_tasks
+from fusion_bench_pave.taskpool.report import accuracy_and_loss, evaluate_tasks
 from fusion_bench_pave.taskpool.text_pool import check_every_task_has, load_tokenizer
 
 
@@ -47,22 +47,19 @@ class LabelWordsTaskPool(LightningFabricMixin, BaseTaskPool):
     @torch.no_grad()
     def evaluate_task(self, model: nn.Module, tokenizer, task: str, dataset) -> dict[str, float]:
         label_ids = label_token_ids(tokenizer, list(self.label_words[task]))
-        correct, loss_sum, n = 0, 0.0, 0
         device = next(model.parameters()).device
-        for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
-            rows = dataset[start : start + self.batch_size]
-            enc = tokenizer(
-                [self.prompt_template.format(text=t) for t in rows["text"]],
-                return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
-            ).to(device)
-            targets = torch.tensor(rows["label"], device=device)
-            logits = label_logits(model, enc["input_ids"], enc["attention_mask"], label_ids)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            correct += (logits.argmax(-1) == targets).sum().item()
-            n += len(targets)
-        if n == 0:
-            raise ValueError(f"test dataset of task {task!r} is empty")
-        return {"accuracy": correct / n, "loss": loss_sum / n}
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
+                rows = dataset[start : start + self.batch_size]
+                enc = tokenizer(
+                    [self.prompt_template.format(text=t) for t in rows["text"]],
+                    return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+                ).to(device)
+                logits = label_logits(model, enc["input_ids"], enc["attention_mask"], label_ids)
+                yield logits, torch.tensor(rows["label"], device=device)
+
+        return accuracy_and_loss(batches(), task)
 
     def evaluate(self, model: nn.Module, name: str | None = None, **kwargs) -> dict[str, Any]:
         tokenizer = load_tokenizer(self.tokenizer)

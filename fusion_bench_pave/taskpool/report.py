@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Callable
 
+import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from fusion_bench.utils import count_parameters, instantiate
 
 from fusion_bench_pave.taskpool.task_modulation import for_task
 
 log = logging.getLogger(__name__)
+
+
+def accuracy_and_loss(batches: Iterable[tuple[Tensor, Tensor]], task: str) -> dict[str, float]:
+    """Accuracy and mean cross-entropy (in float32 or wider) over ``(logits, targets)`` batches."""
+    correct, loss_sum, n = 0, 0.0, 0
+    for logits, targets in batches:
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        n += len(targets)
+    if n == 0:
+        raise ValueError(f"test dataset of task {task!r} is empty")
+    return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
 def evaluate_tasks(

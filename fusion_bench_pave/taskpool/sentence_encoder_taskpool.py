@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from fusion_bench_pave.taskpool.report import evaluate_tasks
+from fusion_bench_pave.taskpool.report import accuracy_and_loss, evaluate_tasks
 from fusion_bench_pave.taskpool.sentence_encoder import embed, label_prompt_head, prompt_logits
 from fusion_bench_pave.taskpool.text_pool import check_every_task_has, load_tokenizer
 
@@ -72,24 +72,21 @@ class SentenceEncoderTaskPool(LightningFabricMixin, BaseTaskPool):
 
     @torch.no_grad()
     def evaluate_task(self, model: nn.Module, tokenizer, head: Tensor, task: str, dataset) -> dict[str, float]:
-        correct, loss_sum, n = 0, 0.0, 0
         device = next(model.parameters()).device
         # batches of similar length pad less; accuracy and mean loss do not depend on the order
         lengths = [len(text) for text in dataset["text"]]
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
-            rows = dataset[order[start : start + self.batch_size]]
-            enc = tokenizer(rows["text"], return_tensors="pt", padding=True, truncation=True,
-                            max_length=self.max_length).to(device)
-            targets = torch.tensor(rows["label"], device=device)
-            logits = prompt_logits(embed(model, enc["input_ids"], enc["attention_mask"]).float(), head,
-                                   self.logit_scale)
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            correct += (logits.argmax(-1) == targets).sum().item()
-            n += len(targets)
-        if n == 0:
-            raise ValueError(f"test dataset of task {task!r} is empty")
-        return {"accuracy": correct / n, "loss": loss_sum / n}
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for start in tqdm(range(0, len(dataset), self.batch_size), desc=f"Evaluating {task}", leave=False):
+                rows = dataset[order[start : start + self.batch_size]]
+                enc = tokenizer(rows["text"], return_tensors="pt", padding=True, truncation=True,
+                                max_length=self.max_length).to(device)
+                logits = prompt_logits(embed(model, enc["input_ids"], enc["attention_mask"]).float(), head,
+                                       self.logit_scale)
+                yield logits, torch.tensor(rows["label"], device=device)
+
+        return accuracy_and_loss(batches(), task)
 
     def evaluate(self, model: nn.Module, name: str | None = None, **kwargs) -> dict[str, Any]:
         tokenizer = self.load_tokenizer()
