@@ -12,35 +12,23 @@ from conftest import compose_fusion_bench, run_fusion_bench
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "fusion_bench_pave" / "config" / "preset"
 
+PAVE = "fusion_bench_pave.pave.PAVE"
+SMILE = "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm"
+SMILE_LM = "fusion_bench_pave.smile.algorithm.SmileMistralUpscalingAlgorithm"
+CLIP_B32, CLIP_L14 = "openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14"
+TA8, TA8_L14, GLUE = "clip-vit-classification_TA8", "clip-vit-classification_TA8_L14", "flan-t5_glue_text_generation"
+EMR = "fusion_bench.method.emr_merging.EMRMerging"
+
 # preset -> (method _target_, pretrained model, number of fine-tuned models, taskpool, method settings)
 PRESETS = {
-    "pave_emr_clip-vit-b32_ta8": (
-        "fusion_bench_pave.pave.PAVE", "openai/clip-vit-base-patch32", 8, "clip-vit-classification_TA8",
-        {"rho": 63 / 64, "num_rows": 4096, "seed": 44, "merger._target_": "fusion_bench.method.emr_merging.EMRMerging"},
-    ),
-    "pave_emr_clip-vit-l14_ta8": (
-        "fusion_bench_pave.pave.PAVE", "openai/clip-vit-large-patch14", 8, "clip-vit-classification_TA8_L14",
-        {"rho": 63 / 64, "num_rows": 1024, "seed": 44},
-    ),
-    "smile_clip-vit-b32_ta8": (
-        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "openai/clip-vit-base-patch32", 8,
-        "clip-vit-classification_TA8", {"gate_k": 16, "k": 32, "top_k": 1},
-    ),
-    "smile_clip-vit-l14_ta8": (
-        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "openai/clip-vit-large-patch14", 8,
-        "clip-vit-classification_TA8_L14", {"gate_k": 16, "k": 32, "top_k": 1},
-    ),
-    "smile_flan-t5-base_glue": (
-        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "google/flan-t5-base", 8,
-        "flan-t5_glue_text_generation", {"gate_k": 4, "k": 16, "top_k": 1},
-    ),
-    "smile_flan-t5-base_glue_lora16": (
-        "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "google/flan-t5-base", 8,
-        "flan-t5_glue_text_generation", {"gate_k": 2, "k": 4, "top_k": 1},
-    ),
+    "pave_emr_clip-vit-b32_ta8": (PAVE, CLIP_B32, 8, TA8, {"rho": 63 / 64, "num_rows": 4096, "seed": 44, "merger._target_": EMR}),
+    "pave_emr_clip-vit-l14_ta8": (PAVE, CLIP_L14, 8, TA8_L14, {"rho": 63 / 64, "num_rows": 1024, "seed": 44}),
+    "smile_clip-vit-b32_ta8": (SMILE, CLIP_B32, 8, TA8, {"gate_k": 16, "k": 32, "top_k": 1}),
+    "smile_clip-vit-l14_ta8": (SMILE, CLIP_L14, 8, TA8_L14, {"gate_k": 16, "k": 32, "top_k": 1}),
+    "smile_flan-t5-base_glue": (SMILE, "google/flan-t5-base", 8, GLUE, {"gate_k": 4, "k": 16, "top_k": 1}),
+    "smile_flan-t5-base_glue_lora16": (SMILE, "google/flan-t5-base", 8, GLUE, {"gate_k": 2, "k": 4, "top_k": 1}),
     "smile_mistral-7b_m0_123": (
-        "fusion_bench_pave.smile.algorithm.SmileMistralUpscalingAlgorithm", "mistralai/Mistral-7B-v0.1", 3,
-        "lm_eval", {"rank_of_router": 8, "rank_of_expert": 512, "num_experts_per_tok": 1},
+        SMILE_LM, "mistralai/Mistral-7B-v0.1", 3, "lm_eval", {"rank_of_router": 8, "rank_of_expert": 512, "num_experts_per_tok": 1},
     ),
 }
 
@@ -51,7 +39,7 @@ def _pretrained(models) -> str:
 
 
 # presets over this package's offline zoos (composing must not resolve ${fbp_zoo:...}: that builds)
-ZOO_PRESETS = {"pave_ties_zoo_minilm": ("fusion_bench_pave.pave.PAVE", "zoo_minilm")}
+ZOO_PRESETS = {"pave_ties_zoo_minilm": (PAVE, "zoo_minilm")}
 
 
 def test_every_preset_file_is_covered():
