@@ -21,6 +21,7 @@ from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import algorithm as pave_algorithm
 from fusion_bench_pave.pave import cache as pave_cache
 from fusion_bench_pave.pave.purify import purify_weight
+from fusion_bench_pave.pave.regularize import regularize_doubling
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 TIES = {
@@ -103,7 +104,7 @@ def test_purified_task_arithmetic_matches_independent_recomputation():
         for task in fresh.model_names:
             model = fresh.load_model(task)
             stats = algo.task_covariance(fresh, task, model)
-            cov_eps, _ = pave_algorithm.regularize_doubling(stats.covariance(layer), 0.01, 5e-2)
+            cov_eps, _ = regularize_doubling(stats.covariance(layer), 0.01, 5e-2)
             weight = model.get_submodule(layer).weight.data
             tilde = purify_weight(weight, cov_eps, extras["ranks"][task][layer])
             expected += 0.3 * (tilde - pretrained[f"{layer}.weight"])

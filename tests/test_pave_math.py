@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from fusion_bench_pave.pave.rank_allocation import (
     normalized_spectrum,
     rank_budget,
 )
-from fusion_bench_pave.pave.regularize import regularize_doubling, regularize_relative
+from fusion_bench_pave.pave.regularize import Regularization, regularize, regularize_doubling, regularize_relative
 
 
 # ------------------------------------------------------------------ covariance
@@ -172,6 +173,18 @@ def test_relative_rule():
     reg, eps = regularize_relative(cov, alpha=0.1)
     assert eps == pytest.approx(0.2)
     torch.testing.assert_close(reg, cov + 0.2 * torch.eye(3, dtype=torch.float64))
+
+
+def test_regularize_runs_every_listed_rule_with_its_own_settings():
+    cov = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    expected_eps = {"doubling": 0.5, "relative": 0.2}  # eps0 passes the check at once; 0.1 * mean diag
+    assert sorted(expected_eps) == sorted(get_args(Regularization))
+    for rule, eps in expected_eps.items():
+        reg, chosen = regularize(cov, rule, eps0=0.5, tol=5e-2, alpha=0.1)
+        assert chosen == pytest.approx(eps)
+        assert torch.equal(reg, cov + chosen * torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"regularization must be one of doubling, relative; got 'ridge'"):
+        regularize(cov, "ridge", eps0=0.5, tol=5e-2, alpha=0.1)
 
 
 # ----------------------------------------------------------------- purification

@@ -40,7 +40,7 @@ from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
 from fusion_bench_pave.pave.rank_allocation import allocate_ranks, floor_rank, normalized_spectrum
-from fusion_bench_pave.pave.regularize import add_identity, regularize_doubling, regularize_relative
+from fusion_bench_pave.pave.regularize import Regularization, add_identity, regularize
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         batch_size: int = 16,
         max_length: int = 128,
         mask_padding: bool = True,
-        regularization: Literal["doubling", "relative"] = "doubling",
+        regularization: Regularization = "doubling",
         eps0: float = 0.1,
         eps_tol: float = 5e-2,
         relative_alpha: float = 1e-3,
@@ -248,13 +248,6 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         return self._preprocessor_object
 
     # --------------------------------------------------------- purification
-    def _regularize(self, cov: Tensor) -> tuple[Tensor, float]:
-        if self.regularization == "doubling":
-            return regularize_doubling(cov, self.eps0, self.eps_tol)
-        if self.regularization == "relative":
-            return regularize_relative(cov, self.relative_alpha)
-        raise ValueError(f"regularization must be 'doubling' or 'relative', got {self.regularization!r}")
-
     @torch.no_grad()
     def purify_(
         self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats]
@@ -278,7 +271,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             cov = stats[task].covariance(layer)
             if key in eps:
                 return add_identity(cov, eps[key])
-            regularized, eps[key] = self._regularize(cov)
+            regularized, eps[key] = regularize(cov, self.regularization, self.eps0, self.eps_tol, self.relative_alpha)
             return regularized
 
         def decompose(task_index: int, layer: str) -> tuple[Tensor, Tensor]:

@@ -10,8 +10,7 @@ from fusion_bench.utils.packages import import_object
 
 from fusion_bench_pave.pave.offload import Offload
 from fusion_bench_pave.pave.rank_allocation import Allocation
-
-REGULARIZATIONS = ("doubling", "relative")
+from fusion_bench_pave.pave.regularize import Regularization
 
 
 def check_merger(merger: Any) -> None:
@@ -46,7 +45,7 @@ def check_hyperparameters(algorithm: Any, dtypes: Mapping[str, Any]) -> None:
         raise ValueError(f"num_rows must be >= 1 or null, got {algorithm.num_rows}")
     choices = {
         "allocation": get_args(Allocation),
-        "regularization": REGULARIZATIONS,
+        "regularization": get_args(Regularization),
         "accumulate_dtype": tuple(dtypes),
         "covariance_offload": get_args(Offload),
     }

@@ -3,8 +3,12 @@ relative to the mean diagonal."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
+
+Regularization = Literal["doubling", "relative"]
 
 
 def add_identity(cov: Tensor, eps: float) -> Tensor:
@@ -80,3 +84,13 @@ def regularize_relative(cov: Tensor, alpha: float = 1e-3) -> tuple[Tensor, float
     scale = float(cov.diagonal().mean())
     eps = alpha * scale if scale > 0 else alpha
     return add_identity(cov, eps), eps
+
+
+def regularize(cov: Tensor, rule: Regularization, eps0: float, tol: float, alpha: float) -> tuple[Tensor, float]:
+    """C_eps and eps by ``rule``: "doubling" (from eps0 until the check passes at tol) or
+    "relative" (alpha times the mean diagonal); each rule ignores the other's settings."""
+    if rule == "doubling":
+        return regularize_doubling(cov, eps0, tol)
+    if rule == "relative":
+        return regularize_relative(cov, alpha)
+    raise ValueError(f"regularization must be one of {', '.join(get_args(Regularization))}; got {rule!r}")
