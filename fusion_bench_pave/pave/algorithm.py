@@ -39,7 +39,7 @@ from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covarianc
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
-from fusion_bench_pave.pave.rank_allocation import allocate_ranks, floor_rank, normalized_spectrum
+from fusion_bench_pave.pave.rank_allocation import Allocation, allocate_ranks, floor_rank, normalized_spectrum
 from fusion_bench_pave.pave.regularize import Regularization, add_identity, regularize
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         self,
         merger: DictConfig,
         rho: float = 1.0,
-        allocation: Literal["per_layer", "per_model", "uniform"] = "per_layer",
+        allocation: Allocation = "per_layer",
         floor_factor: float = 1.5,
         num_samples: int = 64,
         num_rows: Optional[int] = None,
