@@ -7,8 +7,9 @@ right singular vectors of ``dW_i``; softmax over experts, keep top_k, renormalis
 slot) pairs are sorted by expert once; each expert with tokens then takes two small matmuls on
 its contiguous slice (routing weight folded into the rank-k activations, expert bias as one extra
 column) and adds into the pretrained output in place. Only the selected experts do work and no
-[tokens, out] intermediate beyond one expert's slice is materialised (measured 1.2-2x faster
-than capacity-padded bmm at ViT-B/32 widths, benchmarks/results/perf_smile_notes.md).
+intermediate beyond one expert's slice is materialised: gathering all top_k * N input rows at once
+made one allocation above glibc's 32 MB mmap ceiling at FFN widths, page-faulted afresh on every
+call (768x3072, top-2, 1600 tokens: 81 -> 61 ms; benchmarks/results/perf_smile_notes.md).
 """
 
 from __future__ import annotations
@@ -95,14 +96,15 @@ class SmileLinear(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // self.top_k
-        grouped = x.index_select(0, tokens)
         grouped_weights = weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)
         flat_out = out.view(-1, self.out_features)
         start = 0
         for expert, count in enumerate(counts):
             if count:
                 rows = slice(start, start + count)
-                flat_out.index_add_(0, tokens[rows], self._expert_output(expert, grouped[rows], grouped_weights[rows]))
+                expert_tokens = tokens[rows]
+                expert_out = self._expert_output(expert, x.index_select(0, expert_tokens), grouped_weights[rows])
+                flat_out.index_add_(0, expert_tokens, expert_out)
                 start += count
         return out
 
