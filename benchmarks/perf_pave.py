@@ -213,7 +213,9 @@ def child(args: dict) -> dict:
 
 def spawn(procedure: str, setting: dict, save: str | None, threads: int) -> dict:
     payload = json.dumps({"procedure": procedure, "setting": setting, "save": save, "threads": threads})
-    proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True)
+    # every BLAS/OpenMP pool of the child gets `threads`, not only torch's
+    env = os.environ | {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{procedure} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
