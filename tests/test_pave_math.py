@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fusion_bench_pave.pave.calibration import sample_indices, shard
-from fusion_bench_pave.pave.covariance import collect_covariance
+from fusion_bench_pave.pave.covariance import BLOCK, add_gram_, collect_covariance, symmetrize_
 from fusion_bench_pave.pave.purify import (
     context_eigh,
     context_svd,
@@ -62,10 +62,11 @@ def _captured_inputs(model: nn.Module, batches):
     return store
 
 
-def test_streaming_covariance_equals_stored_activations_and_shares_inputs():
+@pytest.mark.parametrize("width", [6, BLOCK + 44])  # one block row; two, the last one ragged
+def test_streaming_covariance_equals_stored_activations_and_shares_inputs(width):
     torch.manual_seed(0)
-    model = TwoHeads()
-    batches = [({"x": torch.randn(3, 5, 6)}, None) for _ in range(4)]
+    model = TwoHeads(width)
+    batches = [({"x": torch.randn(3, 5, width)}, None) for _ in range(4)]
     stats = collect_covariance(model, batches)
     stored = _captured_inputs(model, batches)
     assert stats.input_of["k"] == "q"  # shared input computed once
@@ -74,6 +75,22 @@ def test_streaming_covariance_equals_stored_activations_and_shares_inputs():
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
         torch.testing.assert_close(stats.covariance(name), x.T @ x / x.shape[0], rtol=1e-12, atol=1e-12)
         assert stats.count[stats.input_of[name]] == 60
+
+
+@pytest.mark.parametrize("size, block", [(10, 4), (10, 1), (10, 10), (10, 64), (BLOCK + 44, BLOCK)])
+def test_blocked_lower_sums_touch_only_the_block_lower_triangle_and_mirror_to_the_gram_matrix(size, block):
+    generator = torch.Generator().manual_seed(size * block)
+    batches = [torch.randn(n, size, generator=generator, dtype=torch.float64) for n in (7, 0, 13)]
+    acc = torch.zeros(size, size, dtype=torch.float64)
+    for rows in batches:
+        add_gram_(acc, rows, block)
+    row, col = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    beyond = col >= (row // block + 1) * block  # right of each row's diagonal block: never computed
+    assert not acc[beyond].any() and acc[~beyond].all()
+    x = torch.cat(batches)
+    symmetrize_(acc)
+    assert torch.equal(acc, acc.T)
+    torch.testing.assert_close(acc, x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 def test_padding_mask_drops_exactly_the_masked_tokens():
