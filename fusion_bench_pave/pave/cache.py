@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fusion_bench_pave.atomic import atomic_file
 from fusion_bench_pave.pave.covariance import CovarianceStats
-from fusion_bench_pave.pave.stats_file import load_stats, save_stats
+from fusion_bench_pave.pave.stats_file import load_stats, raw_bytes, save_stats
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def fingerprint_state_dict(state_dict: Mapping[str, Tensor]) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(raw_bytes(tensor))
     return digest.hexdigest()
 
 
