@@ -21,7 +21,7 @@ from transformers import CLIPVisionModel
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils import instantiate
-from fusion_bench_pave.atomic import PAUSE_ENV, atomic_write_text
+from fusion_bench_pave.atomic import MANIFEST, PAUSE_ENV, atomic_write_text
 from fusion_bench_pave.pave.cache import CovarianceCache
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
@@ -128,7 +128,7 @@ def test_kill_while_saving_a_smile_model_leaves_the_old_model_or_nothing(tmp_pat
     proc = start(SMILE_WRITER, str(target), "2", pause="smile")
     wait_until(proc, stopped(proc))
     (staging,) = staging_of(target)
-    assert sorted(p.name for p in staging.iterdir()) == ["smile.json", "smile.safetensors"]
+    assert sorted(p.name for p in staging.iterdir()) == [MANIFEST, "smile.json", "smile.safetensors"]
     kill(proc)
     if old:
         assert_same(smile_weights(target), before)
@@ -138,6 +138,27 @@ def test_kill_while_saving_a_smile_model_leaves_the_old_model_or_nothing(tmp_pat
     save_smile_model(new, target, overwrite=True)  # the rerun succeeds and removes the dead writer's staging
     assert staging_of(target) == [] and sorted(os.listdir(tmp_path)) == ["smile"]
     assert_same(smile_weights(target), new.state_dict())
+
+
+def test_overwrite_refuses_files_added_while_the_writer_was_stopped(tmp_path):
+    """The writer checks the target again before replacing it: a file someone put there while the
+    (overwrite=true) save was under way is kept, with the old model, and the writer fails."""
+    target = tmp_path / "smile"
+    save_smile_model(smile_model(1), target)
+    before = smile_weights(target)
+    refusal_printed = SMILE_WRITER.replace("save_smile_model(", "try:\n    save_smile_model(") + (
+        "except FileExistsError as error:\n    print(error)\n    sys.exit(3)\n")
+    proc = start(refusal_printed, str(target), "2", pause="smile")
+    wait_until(proc, stopped(proc))
+    (target / "eval.csv").write_text("someone's results")
+    proc.send_signal(signal.SIGCONT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3
+    assert stdout.startswith(f"{target} holds files fusion_bench_pave did not write there (not in its {MANIFEST}): "
+                             "eval.csv; overwrite=true replaces only what we wrote")
+    assert sorted(os.listdir(tmp_path)) == ["smile"]  # the writer removed its staging
+    assert sorted(os.listdir(target)) == [MANIFEST, "eval.csv", "smile.json", "smile.safetensors"]
+    assert_same(smile_weights(target), before)
 
 
 CACHE_WRITER = """

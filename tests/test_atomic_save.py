@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, CLIPVision
 
 from fusion_bench import modelpool as fusion_bench_pools
 from fusion_bench.utils import instantiate
+from fusion_bench_pave.atomic import MANIFEST
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
 from fusion_bench_pave.modelpool import (
@@ -102,6 +103,10 @@ def test_the_program_attaching_itself_checks_the_save_path(tmp_path):
     program.merged_model_save_kwargs = {"overwrite": True}
     pool._program = program
     assert pool._program is program
+    (tmp_path / "logs" / "merged" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"logs/merged holds files fusion_bench_pave did not write there .*: notes\.txt;"):
+        pool._program = program
+    assert os.listdir(tmp_path / "logs" / "merged") == ["notes.txt"]
     pool._program = SimpleNamespace(merged_model_save_path=str(tmp_path / "new"), merged_model_save_kwargs=None)
     pool._program = SimpleNamespace(merged_model_save_path=None)
 
@@ -134,7 +139,7 @@ def test_smile_models_are_saved_in_a_format_that_reloads_them(tmp_path):
     pool = tiny_pool("clip")
     smile = SmileUpscalingAlgorithm(gate_k=2, k=4).run(pool)
     pool.save_model(smile, str(tmp_path / "smile"))
-    assert sorted(os.listdir(tmp_path / "smile")) == ["smile.json", "smile.safetensors"]
+    assert sorted(os.listdir(tmp_path / "smile")) == [MANIFEST, "smile.json", "smile.safetensors"]
     assert_same_weights(load_smile_model(pool.load_pretrained_model(), tmp_path / "smile"), smile)
     with pytest.raises(OSError):
         CLIPVisionModel.from_pretrained(tmp_path / "smile")

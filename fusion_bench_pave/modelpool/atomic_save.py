@@ -4,8 +4,8 @@ FusionBench's program saves the merged model with ``modelpool.save_model(model, 
 after the merge, writing into ``path`` directly: a run killed while saving leaves a half-written
 checkpoint, and a rerun silently overwrites the last one. Pools with this mixin write into a staging
 directory renamed into place (``fusion_bench_pave.atomic``) and refuse an existing ``path`` unless
-``merged_model_save_kwargs.overwrite=true``; the refusal happens when the program attaches itself
-to the pool, i.e. before any merging, not after it.
+``merged_model_save_kwargs.overwrite=true``, and even then if it holds files we did not write there;
+the refusal happens when the program attaches itself to the pool, i.e. before any merging, not after it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from fusion_bench_pave.atomic import atomic_output_dir, refuse_existing
+from fusion_bench_pave.atomic import atomic_output_dir, refuse_replacing_dir
 from fusion_bench_pave.smile.io import needs_smile_format, write_smile_files
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ def program_save_target(program: Any) -> tuple[str, bool] | None:
 
 class AtomicSaveMixin:
     """``save_model(model, path, overwrite=False, **kwargs)``: the base pool's save, written to a
-    staging directory that replaces ``path`` only once complete. A SMILE-upscaled model of an
-    architecture whose ``from_pretrained`` would ignore the experts is written in SMILE's format."""
+    staging directory that replaces ``path`` only once complete (and only if it holds just what we
+    wrote there). A SMILE-upscaled model of an architecture whose ``from_pretrained`` would ignore the
+    experts is written in SMILE's format."""
 
     _attached_program: Any = None
 
@@ -50,7 +51,7 @@ class AtomicSaveMixin:
         """FusionBench sets this right after instantiating the pool: check the save path now."""
         self._attached_program = program
         if (target := program_save_target(program)) is not None:
-            refuse_existing(*target)
+            refuse_replacing_dir(*target)
 
     def save_model(self, model: nn.Module, path: str, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
         if kwargs.get("push_to_hub"):
