@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +60,17 @@ def evaluation(report: dict[str, Any]) -> dict[str, Any]:
     return nested[0] if len(nested) == 1 else report
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Subdirectories holding Hydra's ``overrides.yaml``, in job-number order."""
+    dirs = (p for p in sweep_dir.iterdir() if p.is_dir() and (p / "overrides.yaml").exists())
+    return sorted(dirs, key=lambda p: (len(p.name), p.name))
+
+
 def load_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
     """Jobs with a report, and the names of job directories that have none (failed or running)."""
     jobs, missing = [], []
-    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+    for job_dir in job_dirs(sweep_dir):
         overrides_file = job_dir / "overrides.yaml"
-        if not overrides_file.exists():
-            continue
         report_file = job_dir / REPORT_NAME
         if not report_file.exists():
             missing.append(job_dir.name)
@@ -79,6 +85,56 @@ def metric_value(report: dict[str, Any], metric: str) -> float | None:
     """``metric`` looked up in the evaluation first, then in the whole report (method extras)."""
     value = lookup(evaluation(report), metric)
     return value if value is not None else lookup(report, metric)
+
+
+def metric_keys(report: dict[str, Any]) -> list[str]:
+    """Every dotted key ``--metric`` accepts for ``report``: the evaluation's numbers, then the
+    method extras' (e.g. ``pave.kept``)."""
+
+    def leaves(node: dict[str, Any], prefix: str = ""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            elif isinstance(value, (int, float)):
+                yield f"{prefix}{key}"
+
+    scores = evaluation(report)
+    extras = {} if scores is report else {k: v for k, v in report.items() if v is not scores}
+    return [*leaves(scores), *leaves(extras)]
+
+
+def check_metric(jobs: list[Job], metric: str) -> None:
+    """``ValueError`` listing the available keys, closest first, if no job's report has ``metric``."""
+    if any(metric_value(job.report, metric) is not None for job in jobs):
+        return
+    keys = list(dict.fromkeys(k for job in jobs for k in metric_keys(job.report)))
+    closest = difflib.get_close_matches(metric, keys, n=len(keys), cutoff=0.0)
+    raise ValueError(f"metric {metric!r} is in no job's report; available metrics, closest first: {', '.join(closest)}")
+
+
+def logged_error(job_dir: Path) -> str:
+    """Where a job without a report failed: the last exception line of its Hydra log, and the log."""
+    logs = sorted(job_dir.glob("*.log"))
+    if not logs:
+        return f"no log in {job_dir}"
+    errors = [line for log in logs for line in log.read_text(errors="replace").splitlines()
+              if re.match(r"[\w.]*(Error|Exception|Interrupt)\b", line)]
+    if not errors:
+        return (f"no error in {logs[-1]}: still running, or it wrote its report elsewhere (run sweeps with "
+                "a fusion_bench_pave method preset or path=per_job, so that every job logs into its own directory)")
+    return f"{errors[-1]} (see {logs[-1]})"
+
+
+def no_jobs_message(sweep_dir: Path) -> str:
+    """Why ``sweep_dir`` has no job directories, with a hint when it holds sweeps or is one run's log dir."""
+    message = (f"no jobs found under {sweep_dir}: expected a multirun directory (hydra.sweep.dir of "
+               f"`fusion_bench -m`) whose job subdirectories 0/, 1/, ... hold overrides.yaml and {REPORT_NAME}")
+    sweeps = [p.name for p in sorted(sweep_dir.iterdir()) if p.is_dir() and job_dirs(p)]
+    if sweeps:
+        message += f"; it holds sweeps ({', '.join(sweeps)}): pass one of them"
+    elif (sweep_dir / REPORT_NAME).exists():
+        message += f"; it holds the {REPORT_NAME} of a single run, not a sweep"
+    return message
 
 
 def varying_keys(jobs: list[Job]) -> list[str]:
@@ -180,14 +236,17 @@ def summarize(sweep_dir: Path, metric: str = "average.accuracy", x_key: str | No
               out_dir: Path | None = None) -> str:
     """Write summary.{md,csv,png} for ``sweep_dir`` into ``out_dir`` (default: the sweep dir);
     return the Markdown table."""
-    if not sweep_dir.is_dir():
+    if not sweep_dir.exists():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    if not sweep_dir.is_dir():
+        raise NotADirectoryError(f"{sweep_dir} is a file; summarize expects a sweep directory (one subdirectory per job)")
     jobs, missing = load_jobs(sweep_dir)
+    if not jobs and not missing:
+        raise ValueError(no_jobs_message(sweep_dir))
     if not jobs:
-        raise ValueError(
-            f"no job under {sweep_dir} has a {REPORT_NAME}; run the sweep with a method preset of "
-            "fusion_bench_pave or with path=per_job so that every job logs into its own directory"
-        )
+        failures = "".join(f"\n  {name}: {logged_error(sweep_dir / name)}" for name in missing)
+        raise ValueError(f"none of the {len(missing)} jobs under {sweep_dir} has a {REPORT_NAME}:{failures}")
+    check_metric(jobs, metric)
     out_dir = out_dir or sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = build_table(jobs, metric)
@@ -217,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(summarize(args.sweep_dir, args.metric, args.x_key, args.out), end="")
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ if its check is removed (the input would then pass silently or die with a differ
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import save_smile_model
+from fusion_bench_pave.summarize import summarize
 from fusion_bench_pave.taskpool import LabelWordsTaskPool
 
 from conftest import compose_fusion_bench
@@ -197,6 +199,37 @@ def evaluate_on_an_empty_test_split(tmp_path):
     taskpool.evaluate(zoo_pool("t5").load_pretrained_model())
 
 
+# ---------------------------------------- outputs: overwrite and sweep summaries (issue 14)
+def overwrite_foreign_files(tmp_path, via_program: bool):
+    """A saved model directory that someone added a file to, then overwrite=true."""
+    pool = zoo_pool("mistral")
+    pool.save_model(pool.load_model("topic"), str(tmp_path / "merged"))
+    (tmp_path / "merged" / "eval_notes.txt").write_text("mine")
+    if via_program:
+        pool._program = SimpleNamespace(merged_model_save_path=str(tmp_path / "merged"),
+                                        merged_model_save_kwargs={"overwrite": True})
+    else:
+        pool.save_model(pool.load_model("topic"), str(tmp_path / "merged"), overwrite=True)
+
+
+def sweep_job(sweep: Path, name: str, report: dict | None) -> None:
+    (sweep / name).mkdir(parents=True)
+    (sweep / name / "overrides.yaml").write_text(f"- method.rho=0.{name}\n")
+    if report is not None:
+        (sweep / name / "program_report.json").write_text(json.dumps(report))
+
+
+def summarize_by_typo(tmp_path):
+    sweep_job(tmp_path, "0", {"a": {"accuracy": 0.5}, "average": {"accuracy": 0.5}})
+    summarize(tmp_path, metric="a.acc")
+
+
+def summarize_crashed(tmp_path):
+    sweep_job(tmp_path, "0", None)
+    (tmp_path / "0" / "cli.log").write_text("Traceback (most recent call last):\nRuntimeError: out of memory\n")
+    summarize(tmp_path)
+
+
 ROWS = [
     # PAVE: pool contents
     ("pave: fine-tuned model of another architecture", pave_row(lambda p: p._models.__setitem__("task1", tiny_t5())),
@@ -301,6 +334,21 @@ ROWS = [
      MissingConfigException, r"Could not find 'method/pave_tie'"),
     ("cli: unknown model pool name", lambda tmp_path: compose_fusion_bench(["modelpool=tiny_vit"]),
      MissingConfigException, r"Could not find 'modelpool/tiny_vit'"),
+    # ---------------- outputs: overwrite and sweep summaries (issue 14); keep this block last
+    ("pool: overwrite=true over a directory holding foreign files", lambda tmp_path: overwrite_foreign_files(tmp_path, False),
+     FileExistsError, r"merged holds files fusion_bench_pave did not write there \(not in its "
+                      r"\.fusion_bench_pave-manifest\.json\): eval_notes\.txt; overwrite=true replaces only what we wrote"),
+    ("program: overwrite=true over a directory holding foreign files", lambda tmp_path: overwrite_foreign_files(tmp_path, True),
+     FileExistsError, r"merged holds files fusion_bench_pave did not write there .*: eval_notes\.txt;"),
+    ("summarize: metric in no report", summarize_by_typo,
+     ValueError, r"^metric 'a\.acc' is in no job's report; available metrics, closest first: a\.accuracy, average\.accuracy$"),
+    ("summarize: empty directory", lambda tmp_path: summarize(tmp_path),
+     ValueError, r"^no jobs found under .*: expected a multirun directory .* whose job subdirectories 0/, 1/, \.\.\. "
+                 r"hold overrides\.yaml and program_report\.json$"),
+    ("summarize: every job crashed", summarize_crashed,
+     ValueError, r"^none of the 1 jobs under .* has a program_report\.json:\n  0: RuntimeError: out of memory \(see .*/0/cli\.log\)$"),
+    ("summarize: a file instead of a directory", lambda tmp_path: summarize(Path(__file__)),
+     NotADirectoryError, r"test_bad_inputs\.py is a file; summarize expects a sweep directory"),
 ]
 
 
@@ -332,5 +380,6 @@ def test_an_unreadable_covariance_cache_is_recomputed(tmp_path, caplog):
 def test_table_covers_every_entry_point():
     ids = [row[0] for row in ROWS]
     assert len(ids) == len(set(ids))
-    for prefix in ["pave:", "rank allocator:", "smile:", "smile layer:", "smile mistral:", "pool:", "program:", "taskpool:", "cli:"]:
+    for prefix in ["pave:", "rank allocator:", "smile:", "smile layer:", "smile mistral:", "pool:", "program:", "taskpool:", "cli:",
+                   "summarize:"]:
         assert any(i.startswith(prefix) for i in ids), prefix

@@ -71,9 +71,47 @@ def test_metric_from_method_extras(sweep):
     assert [r[rows[0].index("pave.kept")] for r in rows[2:]] == ["", ""]
 
 
-def test_cli_errors_are_clear(tmp_path, capsys):
-    assert main([str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    _job(tmp_path, "0", ["method=pave_ta"], None)
-    assert main([str(tmp_path)]) == 2
-    assert "path=per_job" in capsys.readouterr().err
+def test_a_metric_in_no_report_is_refused_listing_the_available_keys_closest_first(sweep, capsys):
+    assert main([str(sweep), "--metric", "average.acuracy"]) == 2
+    assert capsys.readouterr().err == (
+        "error: metric 'average.acuracy' is in no job's report; available metrics, closest first: average.accuracy, "
+        "a.accuracy, b.accuracy, pave.kept, model_info.trainable_params, model_info.all_params, a.loss, b.loss\n")
+    assert not list(sweep.glob("summary.*"))
+
+
+def test_cli_errors_name_the_case(tmp_path, capsys):
+    def error(path) -> str:
+        assert main([str(path)]) == 2
+        return capsys.readouterr().err
+
+    assert error(tmp_path / "missing") == f"error: sweep directory {tmp_path / 'missing'} does not exist\n"
+    (tmp_path / "report.json").write_text("{}")
+    assert error(tmp_path / "report.json") == (
+        f"error: {tmp_path / 'report.json'} is a file; summarize expects a sweep directory (one subdirectory per job)\n")
+    empty = tmp_path / "empty"
+    (empty / "not_a_job").mkdir(parents=True)
+    layout = ("expected a multirun directory (hydra.sweep.dir of `fusion_bench -m`) whose job subdirectories "
+              "0/, 1/, ... hold overrides.yaml and program_report.json")
+    assert error(empty) == f"error: no jobs found under {empty}: {layout}\n"
+    (empty / "program_report.json").write_text("{}")
+    assert error(empty) == f"error: no jobs found under {empty}: {layout}; it holds the program_report.json of a single run, not a sweep\n"
+
+
+def test_an_all_crashed_sweep_lists_each_job_and_where_its_error_is(tmp_path, capsys):
+    sweeps = tmp_path / "multirun"
+    crashed = sweeps / "2026-01-01_10-00-00"
+    _job(crashed, "0", ["method.rho=0.5"], None)
+    (crashed / "0" / "cli.log").write_text("[INFO] - merging\nTraceback (most recent call last):\n  File \"x.py\"\n"
+                                           "ValueError: task 'a': its calibration dataset is empty (0 rows)\n")
+    _job(crashed, "1", ["method.rho=0.9"], None)
+    (crashed / "1" / "cli.log").write_text("[INFO] - merging\n")
+    _job(crashed, "2", ["method.rho=1.0"], None)
+    assert main([str(crashed)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: none of the 3 jobs under {crashed} has a program_report.json:\n"
+        f"  0: ValueError: task 'a': its calibration dataset is empty (0 rows) (see {crashed / '0' / 'cli.log'})\n"
+        f"  1: no error in {crashed / '1' / 'cli.log'}: still running, or it wrote its report elsewhere (run sweeps "
+        "with a fusion_bench_pave method preset or path=per_job, so that every job logs into its own directory)\n"
+        f"  2: no log in {crashed / '2'}\n")
+    assert main([str(sweeps)]) == 2  # the parent of sweeps
+    assert capsys.readouterr().err.endswith("; it holds sweeps (2026-01-01_10-00-00): pass one of them\n")
