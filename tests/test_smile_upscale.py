@@ -10,6 +10,7 @@ from torch import nn
 
 import fusion_bench_pave  # noqa: F401  (transformers-5 compat for fusion_bench)
 from fusion_bench.modelpool import BaseModelPool
+from fusion_bench_pave.atomic import MANIFEST
 from fusion_bench_pave.smile import SmileLinear, upscale_model
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.io import save_smile_model
@@ -134,7 +135,7 @@ def test_algorithm_saves_and_reloads_identically(tmp_path, clip_family):
     pool = lambda: BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"m{i}": copy.deepcopy(m) for i, m in enumerate(fts)}})  # noqa: E731
     path = tmp_path / "smile"
     first = SmileUpscalingAlgorithm(gate_k=2, k=4, top_k=2, average_experts=True, model_path=str(path)).run(pool()).eval()
-    assert sorted(p.name for p in path.iterdir()) == ["smile.json", "smile.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST, "smile.json", "smile.safetensors"]
     again = SmileUpscalingAlgorithm(gate_k=2, k=4, top_k=2, model_path=str(path)).run(pool()).eval()  # cache hit
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
