@@ -166,7 +166,7 @@ def test_allocations_and_report_files(tmp_path):
 def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch):
     first = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 3 and all(f.startswith("pave_cov_v2_") and f.endswith(".safetensors") for f in files)
+    assert len(files) == 3 and all(f.startswith("pave_cov_v3_") and f.endswith(".safetensors") for f in files)
 
     def no_collection(*args, **kwargs):
         raise AssertionError("covariance recollected despite a cache hit")
