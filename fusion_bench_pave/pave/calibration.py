@@ -80,7 +80,10 @@ def preprocessor_fingerprint(preprocessor: Any) -> Optional[str]:
     content: dict[str, Any] = {"class": type(preprocessor).__qualname__}
     if hasattr(preprocessor, "backend_tokenizer") or callable(getattr(preprocessor, "get_vocab", None)):
         if hasattr(preprocessor, "backend_tokenizer"):
-            content["pipeline"] = preprocessor.backend_tokenizer.to_str()
+            pipeline = json.loads(preprocessor.backend_tokenizer.to_str())
+            for per_call in ("truncation", "padding"):  # set by each call (PAVE passes its own)
+                pipeline.pop(per_call, None)
+            content["pipeline"] = pipeline
         else:
             content["vocab"] = sorted(preprocessor.get_vocab().items())
         content.update({key: getattr(preprocessor, key, None) for key in TOKENIZER_SETTINGS})

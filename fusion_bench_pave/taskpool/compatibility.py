@@ -16,9 +16,9 @@ from fusion_bench.taskpool import CLIPVisionModelTaskPool
 from fusion_bench_pave.taskpool.label_words_taskpool import LabelWordsTaskPool
 from fusion_bench_pave.taskpool.sentence_encoder_taskpool import SentenceEncoderTaskPool
 
-IMAGE_MODEL = "image model (pixel_values input)"
-LANGUAGE_MODEL = "language model (input_ids input, LM head)"
-TEXT_ENCODER = "text encoder (input_ids input, no LM head)"
+IMAGE_MODEL = "image models (pixel_values input)"
+LANGUAGE_MODEL = "language models (input_ids input, LM head)"
+TEXT_ENCODER = "text encoders (input_ids input, no LM head)"
 
 #: What each task pool feeds the model and reads from it (subclasses included).
 TASKPOOL_MODELS = (
@@ -64,9 +64,9 @@ def check_taskpool_fits(program: Any, modelpool: Any, model: nn.Module | str) ->
     kind = model if isinstance(model, str) else model_kind(model)
     if expected is None or kind is None or kind == expected:
         return
-    held = f"a {kind}" if isinstance(model, str) else f"{type(model).__name__}, a {kind}"
+    which = "" if isinstance(model, str) else f" (its pretrained model is a {type(model).__name__})"
     raise ValueError(
-        f"the task pool {type(taskpool).__name__}{hydra_choice('taskpool')} evaluates a {expected}, "
-        f"but the model pool {type(modelpool).__name__}{hydra_choice('modelpool')} holds {held}; "
-        "choose a task pool made for this model pool (e.g. modelpool=tiny_t5 taskpool=tiny_t5)."
+        f"the task pool {type(taskpool).__name__}{hydra_choice('taskpool')} evaluates {expected}, but the "
+        f"model pool {type(modelpool).__name__}{hydra_choice('modelpool')} holds {kind}{which}; choose "
+        "a task pool made for this model pool (e.g. modelpool=tiny_t5 taskpool=tiny_t5)."
     )
