@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
 from torch import Tensor
 
 from fusion_bench_pave.atomic import atomic_file
