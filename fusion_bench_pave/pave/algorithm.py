@@ -219,9 +219,9 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         if cache is not None:
             fingerprint = preprocessor_fingerprint(self._preprocessor(modelpool))
             if fingerprint is None:
-                log.warning(f"task '{task}': cannot fingerprint the preprocessor "
-                            f"({type(self._preprocessor(modelpool)).__name__}); its statistics are not cached.")
-                cache = None
+                log.warning(f"cannot fingerprint the preprocessor ({type(self._preprocessor(modelpool)).__name__}); "
+                            "the covariance cache is not used in this run.")
+                cache = self._cache = None
         parts = {
             "model": fingerprint_state_dict(model.state_dict()),
             "dataset": dataset_fingerprint(dataset, task),
@@ -314,8 +314,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         layers = [l for l in stats[tasks[0]].layers if all(l in stats[t].input_of for t in tasks)]
         if not layers:
             raise ValueError(
-                f"no Linear left to purify by exclude_modules={self.excluded_patterns} ran a forward "
-                "during calibration in every model, so PAVE would purify nothing."
+                f"none of the Linears that exclude_modules={self.excluded_patterns} leaves to purify ran "
+                "a forward pass during calibration in every model, so PAVE would purify nothing."
             )
         eps: dict[tuple[str, str], float] = {}
 
