@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def test_ddp_two_cpu_processes_equal_single_process(tmp_path):
 CACHED_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from pathlib import Path
     from lightning import Fabric
     from pave_helpers import make_pool
     from fusion_bench_pave.pave import PAVE
@@ -83,7 +85,8 @@ CACHED_SCRIPT = textwrap.dedent(
         algo = PAVE(merger={merger!r}, cache_dir=sys.argv[1], **{settings!r})
         algo.fabric = fabric
         hits.append(algo.run(make_pool("t5"))["pave"]["covariance_cache_hits"])
-    print("HITS", fabric.global_rank, json.dumps(hits))
+    Path(sys.argv[2], f"hits{{fabric.global_rank}}.json").write_text(json.dumps(hits))
+    fabric.barrier()  # rank 0 (the launcher) must not exit before rank 1 has written
     """
 )
 
@@ -101,11 +104,12 @@ def test_ddp_ranks_agree_on_the_cache(tmp_path, cache):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(script), str(cache_dir)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(cache_dir), str(tmp_path)], env=env, capture_output=True, text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    hits = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("HITS"))
-    expected = "[0, 3]" if cache == "directory" else "[0, 0]"
-    assert hits == [["0", expected], ["1", expected]]
+    expected = [0, 3] if cache == "directory" else [0, 0]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"hits{rank}.json").read_text()) == expected, rank
     if cache == "directory":
         assert len(list(cache_dir.glob("pave_cov_v3_*.safetensors"))) == 3
