@@ -8,7 +8,11 @@ if its check is removed (the input would then pass silently or die with a differ
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -228,6 +232,48 @@ def summarize_crashed(tmp_path):
     sweep_job(tmp_path, "0", None)
     (tmp_path / "0" / "cli.log").write_text("Traceback (most recent call last):\nRuntimeError: out of memory\n")
     summarize(tmp_path)
+# ------------------------------------- checks before any work (issue 14: keys, types, pools, merger)
+def untouched(pool: BaseModelPool, pretrained: bool = False) -> BaseModelPool:
+    """``pool`` failing the row if a fine-tuned model (or, unless ``pretrained``, any model) is
+    loaded: the row's error must come before that work."""
+    load = pool.load_model
+
+    def guarded(name, *args, **kwargs):
+        if pretrained and name == "_pretrained_":
+            return load(name, *args, **kwargs)
+        raise AssertionError(f"model '{name}' loaded before the check")
+
+    pool.load_model = guarded
+    return pool
+
+
+def pave_first(pretrained: bool = False, kind: str = "clip", program=None, **kwargs) -> Callable:
+    """A PAVE row on a pool that must not be loaded (beyond the pretrained model) before the error."""
+
+    def run(tmp_path):
+        algorithm = pave(**kwargs)
+        algorithm._program = program() if program else None
+        algorithm.run(untouched(make_pool(kind), pretrained))
+
+    return run
+
+
+def program_with_taskpool(kind: str) -> Callable:
+    """What FusionBench's program offers the algorithm: the instantiated task pool of the tiny zoo."""
+    return lambda: SimpleNamespace(taskpool=instantiate(compose_fusion_bench([f"taskpool=tiny_{kind}"]).taskpool))
+
+
+def smile_with_taskpool(algorithm, models: Callable, kind: str) -> Callable:
+    def run(tmp_path):
+        algorithm._program = program_with_taskpool(kind)()
+        algorithm.run(BaseModelPool(models()))
+
+    return run
+
+
+def no_linear_pool(tmp_path):
+    base = nn.Sequential(nn.Conv1d(4, 4, 1))
+    pave().run({"_pretrained_": base, "m0": deepcopy(base)})
 
 
 ROWS = [
@@ -349,6 +395,53 @@ ROWS = [
      ValueError, r"^none of the 1 jobs under .* has a program_report\.json:\n  0: RuntimeError: out of memory \(see .*/0/cli\.log\)$"),
     ("summarize: a file instead of a directory", lambda tmp_path: summarize(Path(__file__)),
      NotADirectoryError, r"test_bad_inputs\.py is a file; summarize expects a sweep directory"),
+    # ---- issue 14 (r2-pave): keys, types, pools and merger, all checked before any work ----
+    ("pave: unknown key (+method.rhoo typo)", lambda tmp_path: pave(rhoo=0.5),
+     TypeError, r"PAVE has no key 'rhoo' \(did you mean 'rho'\? valid keys: merger, rho, allocation,"),
+    ("smile: unknown key", lambda tmp_path: SmileUpscalingAlgorithm(gate_k=2, topk=2),
+     TypeError, r"SmileUpscalingAlgorithm has no key 'topk' \(did you mean 'top_k'\?"),
+    ("smile mistral: unknown key", lambda tmp_path: SmileMistralUpscalingAlgorithm(rank_of_expet=4),
+     TypeError, r"SmileMistralUpscalingAlgorithm has no key 'rank_of_expet' \(did you mean 'rank_of_expert'\?"),
+    ("cli: unknown method key", lambda tmp_path: instantiate(compose_fusion_bench(["method=pave_ties", "+method.rhoo=0.5"]).method),
+     TypeError, r"PAVE has no key 'rhoo' \(did you mean 'rho'\?"),
+    ("pave: rho not a number (method.rho=abc)", pave_first(rho="abc"),
+     TypeError, r"rho must be a number, got 'abc' \(str\)"),
+    ("pave: num_samples not an integer", pave_first(num_samples=12.5),
+     TypeError, r"num_samples must be an integer, got 12\.5 \(float\)"),
+    ("pave: num_rows not an integer", pave_first(num_rows="all"),
+     TypeError, r"num_rows must be an integer or null, got 'all' \(str\)"),
+    ("pave: mask_padding not a boolean", pave_first(mask_padding="no"),
+     TypeError, r"mask_padding must be a boolean \(true/false\), got 'no' \(str\)"),
+    ("pave: eps0 = 0 (doubling would never end)", pave_first(eps0=0.0), ValueError, r"eps0 must be > 0, got 0\.0"),
+    ("pave: unknown DARE key", pave_first(dare={"sparsity_ratio": 0.5, "rescle": False}),
+     TypeError, r"dare has no key 'rescle' \(valid keys: sparsity_ratio, rescale, only_on_linear_weights\)"),
+    ("pave: DARE sparsity not a number", pave_first(dare={"sparsity_ratio": "half"}),
+     TypeError, r"dare\.sparsity_ratio must be a number in \[0, 1\), got 'half'"),
+    ("smile: k not an integer", smile_row(clip_family, k="abc"), TypeError, r"k must be an integer, got 'abc' \(str\)"),
+    ("smile: top_k a boolean", smile_row(clip_family, top_k=True), TypeError, r"top_k must be an integer, got True \(bool\)"),
+    ("smile mistral: max_shard_gb not a number", mistral_row(max_shard_gb="big"),
+     TypeError, r"max_shard_gb must be a number, got 'big' \(str\)"),
+    ("pave: misspelled task in calibration_datasets", pave_first(calibration_datasets={"tsak0": "/data/task0"}),
+     ValueError, r"calibration_datasets names task\(s\) \['tsak0'\] that the model pool does not have; its tasks are \['task0', 'task1', 'task2'\]"),
+    ("pave: our SMILE as merger", pave_first(merger={"_target_": "fusion_bench_pave.smile.algorithm.SmileUpscalingAlgorithm", "k": 4}),
+     ValueError, r"merger\._target_='fusion_bench_pave\.smile\.algorithm\.SmileUpscalingAlgorithm' is not a task-vector method"),
+    ("pave: FusionBench's SMILE as merger", pave_first(merger={"_target_": "fusion_bench.method.SmileUpscalingAlgorithm"}),
+     ValueError, r"merger\._target_='fusion_bench\.method\.SmileUpscalingAlgorithm' is not a task-vector method.*TaskArithmeticAlgorithm"),
+    ("pave: data-dependent merger (RegMean)", pave_first(merger={"_target_": "fusion_bench.method.RegMeanAlgorithmForCLIP"}),
+     ValueError, r"RegMeanAlgorithmForCLIP' is not a task-vector method"),
+    ("pave: exclude_modules excludes every Linear", pave_first(pretrained=True, exclude_modules=["*"]),
+     ValueError, r"exclude_modules=\['\*'\] excludes all 12 nn\.Linear modules of the model, so PAVE would purify nothing"),
+    ("pave: model without any nn.Linear", no_linear_pool,
+     ValueError, r"the model \(Sequential\) has no nn\.Linear module; PAVE purifies nn\.Linear weights only"),
+    ("pave: T5 pool with a CLIP task pool", pave_first(pretrained=True, kind="t5", program=program_with_taskpool("clip")),
+     ValueError, r"the task pool CLIPVisionTaskPool evaluates image models \(pixel_values input\), but the model pool "
+                 r"CalibrationPool holds language models \(input_ids input, LM head\) \(its pretrained model is a T5ForConditionalGeneration\)"),
+    ("pave: CLIP pool with a label-word task pool", pave_first(pretrained=True, program=program_with_taskpool("t5")),
+     ValueError, r"the task pool LabelWordsTaskPool evaluates language models .* holds image models \(pixel_values input\)"),
+    ("smile: CLIP models with a label-word task pool", smile_with_taskpool(SmileUpscalingAlgorithm(gate_k=2, k=4), clip_family, "t5"),
+     ValueError, r"the task pool LabelWordsTaskPool evaluates language models .* holds image models"),
+    ("smile mistral: CLIP task pool", smile_with_taskpool(SmileMistralUpscalingAlgorithm(rank_of_router=2, rank_of_expert=4), mistral_family, "clip"),
+     ValueError, r"the task pool CLIPVisionTaskPool evaluates image models \(pixel_values input\), but the model pool BaseModelPool holds language models"),
 ]
 
 
@@ -371,7 +464,7 @@ def test_an_unreadable_covariance_cache_is_recomputed(tmp_path, caplog):
         truncate(file)
     second = pave(cache_dir=str(tmp_path)).run(make_pool("clip"))
     assert second["pave"]["covariance_cache_hits"] == 0
-    assert "ignoring unreadable covariance cache" in caplog.text
+    assert "is unreadable; recomputing it" in caplog.text
     for key, value in first.state_dict().items():
         assert torch.equal(second["model"].state_dict()[key], value), key
     assert pave(cache_dir=str(tmp_path)).run(make_pool("clip"))["pave"]["covariance_cache_hits"] == 3
@@ -383,3 +476,18 @@ def test_table_covers_every_entry_point():
     for prefix in ["pave:", "rank allocator:", "smile:", "smile layer:", "smile mistral:", "pool:", "program:", "taskpool:", "cli:",
                    "summarize:"]:
         assert any(i.startswith(prefix) for i in ids), prefix
+
+
+def test_cli_refuses_a_task_pool_of_another_model_kind_before_any_work(tmp_path):
+    """Through the real program: the message names both command-line choices, and no covariance
+    was collected (the merge would have run for minutes before the evaluation failed)."""
+    exe = Path(sys.executable).with_name("fusion_bench")
+    args = ["method=pave_ta", "modelpool=tiny_t5", "taskpool=tiny_clip", f"method.cache_dir={tmp_path / 'cache'}",
+            f"path.log_dir={tmp_path / 'log'}"]
+    proc = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("ValueError: the task pool CLIPVisionTaskPool (taskpool=tiny_clip) evaluates image models (pixel_values "
+            "input), but the model pool Seq2SeqLMPool (modelpool=tiny_t5) holds language models (input_ids input, "
+            "LM head) (its pretrained model is a T5ForConditionalGeneration)") in output
+    assert "PAVE covariance [" not in output and not list((tmp_path / "cache").iterdir())

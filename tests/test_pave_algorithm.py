@@ -166,7 +166,7 @@ def test_allocations_and_report_files(tmp_path):
 def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch):
     first = pave(TIES, rho=0.8, cache_dir=str(tmp_path)).run(make_pool("clip"))["model"]
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 3 and all(f.startswith("pave_cov_v2_") and f.endswith(".safetensors") for f in files)
+    assert len(files) == 3 and all(f.startswith("pave_cov_v3_") and f.endswith(".safetensors") for f in files)
 
     def no_collection(*args, **kwargs):
         raise AssertionError("covariance recollected despite a cache hit")
@@ -269,3 +269,20 @@ def test_configured_calibration_dataset_replaces_the_train_split(tmp_path):
     # and a different dataset gives different statistics
     other = pave(calibration_datasets={"task0": str(tmp_path / "task0")}, seed=1).task_covariance(pool, "task0", model)
     assert not torch.equal(other.xtx[next(iter(other.xtx))], from_pool.xtx[next(iter(other.xtx))])
+
+
+def test_kept_ratio_counts_the_purified_layers_only():
+    """kept_ratio is rho's quantity: kept over full rank summed over the purified Linears; excluded
+    ones (here every fc1, which keeps its fine-tuned weight) are in neither sum."""
+    algo = pave(TA, rho=0.75, exclude_modules=["fc1"])
+    pool = make_pool("clip")
+    merged = algo.run(pool)["model"]
+    ranks, full = algo.extras["ranks"], algo.extras["full_ranks"]
+    assert len(full) == 10 and not any(layer.endswith("fc1") for layer in full)  # 12 Linears, 2 excluded
+    for task, kept in ranks.items():
+        assert kept.keys() == full.keys()
+        assert algo.extras["kept_ratio"][task] == sum(kept.values()) / sum(full.values()) < 1
+    oracle = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("clip"))
+    for name, value in oracle.state_dict().items():
+        if "fc1" in name:  # an excluded layer merges its plain task vectors
+            assert torch.equal(merged.state_dict()[name], value), name

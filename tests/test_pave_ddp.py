@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,48 @@ def test_ddp_two_cpu_processes_equal_single_process(tmp_path):
     assert ddp["ranks"] == algo.extras["ranks"]
     for key, value in result["model"].state_dict().items():
         torch.testing.assert_close(ddp["merged"][key], value, rtol=1e-6, atol=1e-6)
+
+
+CACHED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from lightning import Fabric
+    from pave_helpers import make_pool
+    from fusion_bench_pave.pave import PAVE
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    hits = []
+    for _ in range(2):
+        algo = PAVE(merger={merger!r}, cache_dir=sys.argv[1], **{settings!r})
+        algo.fabric = fabric
+        hits.append(algo.run(make_pool("t5"))["pave"]["covariance_cache_hits"])
+    Path(sys.argv[2], f"hits{{fabric.global_rank}}.json").write_text(json.dumps(hits))
+    fabric.barrier()  # rank 0 (the launcher) must not exit before rank 1 has written
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["directory", "file"])
+def test_ddp_ranks_agree_on_the_cache(tmp_path, cache):
+    """Rank 0 checks cache_dir and tells the others: a directory is written once and hit by every
+    rank on the next run; a file disables the cache on every rank (no rank waits for the other)."""
+    script = tmp_path / "pave_ddp_cache.py"
+    script.write_text(CACHED_SCRIPT.format(merger=MERGER, settings=SETTINGS))
+    cache_dir = tmp_path / "cache"
+    if cache == "file":
+        cache_dir.write_text("not a directory")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(cache_dir), str(tmp_path)], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [0, 3] if cache == "directory" else [0, 0]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"hits{rank}.json").read_text()) == expected, rank
+    if cache == "directory":
+        assert len(list(cache_dir.glob("pave_cov_v3_*.safetensors"))) == 3

@@ -118,7 +118,7 @@ def test_cache_round_trip_is_lazy_and_exact(tmp_path):
     cache, parts = CovarianceCache(tmp_path), {"model": "abc", "exclude": ("head",), "num_rows": None}
     stats = random_stats()
     path = cache.save(parts, stats)
-    assert path.name == f"pave_cov_v2_{cache_key(parts)}.safetensors"
+    assert path.name == f"pave_cov_v3_{cache_key(parts)}.safetensors"
     loaded = cache.load(parts)
     assert isinstance(loaded.xtx, LazyTensors)
     assert loaded.count == stats.count and loaded.input_of == stats.input_of

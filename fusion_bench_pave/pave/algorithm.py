@@ -24,23 +24,26 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from fusion_bench.utils.instantiate_utils import instantiate
+from fusion_bench_pave.arguments import reject_unknown_keys
 from fusion_bench_pave.atomic import atomic_write_text
-from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict
+from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict, open_cache
 from fusion_bench_pave.pave.calibration import (
     dataset_fingerprint,
     iter_batches,
     load_calibration_dataset,
     load_preprocessor,
+    preprocessor_fingerprint,
     sample_indices,
     shard,
 )
-from fusion_bench_pave.pave.config_checks import check_hyperparameters
+from fusion_bench_pave.pave.config_checks import check_calibration_tasks, check_hyperparameters
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
 from fusion_bench_pave.pave.rank_allocation import Allocation, allocate_ranks, floor_rank, normalized_spectrum
 from fusion_bench_pave.pave.regularize import Regularization, add_identity, regularize
+from fusion_bench_pave.taskpool.compatibility import check_taskpool_fits
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +97,13 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
                 None means the classifier heads in HEADS, [] purifies every Linear.
-            calibration_datasets: optional {task: dataset path or config} overriding the train splits.
+            calibration_datasets: optional {task: dataset path or config} overriding the train
+                splits; every task named must be a fine-tuned model of the pool.
             dare: optional {sparsity_ratio, rescale, only_on_linear_weights}: DARE drop+rescale of
                 the raw deltas before purification (seeded with `seed`).
             seed: seed of calibration sampling and DARE.
-            cache_dir: directory of the covariance cache (None disables it).
+            cache_dir: directory of the covariance cache (None disables it). One that cannot be
+                created is skipped with a warning; a read-only one is read, not written.
             covariance_offload: where the statistics of all tasks wait for purification, which
                 reads one layer's covariances at a time: "memory", "disk" (the cache files, else a
                 temporary directory under TMPDIR removed at the end of the run) or "auto" (disk
@@ -106,8 +111,14 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             report_extras: return {"model": merged, "pave": summary} so a summary of the extras
                 reaches the program's report (see `report_summary`). The full extras, with every
                 (task, layer) rank, are in `self.extras` and in pave_report.json in the log dir.
+                kept_ratio: each task's kept rank over its full rank, summed over the purified
+                Linears (excluded ones are not counted, as in rho's budget).
+            kwargs: only Hydra/FusionBench keys (``_target_``, ``_recursive_``, ...); any other key
+                is a TypeError naming the closest valid key.
         """
+        reject_unknown_keys(type(self), kwargs)
         super().__init__(**kwargs)
+        self._cache: Optional[CovarianceCache] = None  # cache_dir as run found it (open_cache)
         self._cache_hits: list[str] = []  # tasks whose covariance came from the cache in this run
         self.extras: dict[str, Any] = {}  # of the last run: see report_summary
         self._preprocessor_object: Any = None
@@ -117,8 +128,12 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(dict(modelpool))
         check_hyperparameters(self, DTYPES)
+        check_calibration_tasks(self.calibration_datasets, list(modelpool.model_names))
+        self._cache = self.open_cache()
         copy = deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = copy(modelpool.load_pretrained_model())
+        check_taskpool_fits(self._program, modelpool, pretrained)
+        self.check_purifiable(pretrained)
         finetuned = {name: copy(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
 
@@ -168,16 +183,49 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     def _include(self, name: str, module: nn.Linear) -> bool:
         return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in self.excluded_patterns)
 
+    def check_purifiable(self, model: nn.Module) -> None:
+        """ValueError unless ``model`` has a Linear that exclude_modules leaves to purify: a run that
+        purifies nothing would report the merger's result as PAVE's."""
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no nn.Linear module; PAVE purifies nn.Linear "
+                "weights only, so it would purify nothing."
+            )
+        if not any(self._include(name, model.get_submodule(name)) for name in linears):
+            raise ValueError(
+                f"exclude_modules={self.excluded_patterns} excludes all {len(linears)} nn.Linear modules "
+                f"of the model, so PAVE would purify nothing; narrow the patterns (null excludes only the "
+                f"heads {HEADS}, [] purifies every Linear)."
+            )
+
+    def open_cache(self) -> Optional[CovarianceCache]:
+        """The covariance cache at cache_dir, checked once before any work (open_cache): None if
+        unset or unusable. Under DDP rank 0 decides, since it alone writes the entries."""
+        cache = open_cache(self.cache_dir) if self.cache_dir and self.fabric.is_global_zero else None
+        if self.fabric.world_size > 1:
+            usable = self.fabric.broadcast(None if cache is None else cache.writable, src=0)
+            cache = None if usable is None or not self.cache_dir else CovarianceCache(self.cache_dir, usable)
+        return cache
+
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of every Linear of `model` on task's calibration samples; with several
-        processes each takes a shard and the sums are all-reduced. Cached on disk if configured;
-        statistics from the cache (also right after saving them there) are read lazily from it."""
+        processes each takes a shard and the sums are all-reduced. Cached on disk if run found
+        cache_dir usable; statistics from the cache (also right after saving them there) are read
+        lazily from it."""
         dataset = load_calibration_dataset(modelpool, task, self.calibration_datasets)
         indices = sample_indices(len(dataset), self.num_samples, self.seed, task)
-        cache = CovarianceCache(self.cache_dir) if self.cache_dir else None
+        cache, fingerprint = self._cache, None
+        if cache is not None:
+            fingerprint = preprocessor_fingerprint(self._preprocessor(modelpool))
+            if fingerprint is None:
+                log.warning(f"cannot fingerprint the preprocessor ({type(self._preprocessor(modelpool)).__name__}); "
+                            "the covariance cache is not used in this run.")
+                cache = self._cache = None
         parts = {
             "model": fingerprint_state_dict(model.state_dict()),
             "dataset": dataset_fingerprint(dataset, task),
+            "preprocessor": fingerprint,
             "num_samples": self.num_samples,
             "num_rows": self.num_rows,
             "seed": self.seed,
@@ -235,7 +283,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
                     f"task '{task}': non-finite input covariance at Linear '{key}'; check the "
                     "fine-tuned weights and inputs (bf16 overflow? use float32 weights)."
                 )
-        if cache is not None:
+        if cache is not None and cache.writable:
             if fabric.is_global_zero:
                 cache.save(parts, stats)
             fabric.barrier()
@@ -264,6 +312,11 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         tasks = list(finetuned)
         modules = [dict(m.named_modules()) for m in finetuned.values()]
         layers = [l for l in stats[tasks[0]].layers if all(l in stats[t].input_of for t in tasks)]
+        if not layers:
+            raise ValueError(
+                f"none of the Linears that exclude_modules={self.excluded_patterns} leaves to purify ran "
+                "a forward pass during calibration in every model, so PAVE would purify nothing."
+            )
         eps: dict[tuple[str, str], float] = {}
 
         def cov_eps(task: str, layer: str) -> Tensor:

@@ -8,6 +8,8 @@ only real tokens of the shifted sequence.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -63,6 +65,36 @@ def dataset_fingerprint(dataset: Any, task: str) -> str:
     """Identity of a calibration dataset for the cache: HF fingerprint if it has one."""
     fingerprint = getattr(dataset, "_fingerprint", None)
     return f"{task}:{fingerprint or 'nofp'}:{len(dataset)}"
+
+
+#: Tokenizer settings outside the serialised tokenizer that change the batches PAVE builds.
+TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length", "pad_token", "special_tokens_map",
+                      "add_bos_token", "add_eos_token")
+
+
+def preprocessor_fingerprint(preprocessor: Any) -> Optional[str]:
+    """Content hash of what turns calibration samples into model inputs, for the cache key: a fast
+    tokenizer's serialised pipeline (vocabulary, normaliser, pre-tokeniser, post-processor) or a slow
+    one's vocabulary, plus the settings in TOKENIZER_SETTINGS; an image processor's (or processor's)
+    configuration. Never a path. None if the object offers neither (it cannot be fingerprinted)."""
+    content: dict[str, Any] = {"class": type(preprocessor).__qualname__}
+    if hasattr(preprocessor, "backend_tokenizer") or callable(getattr(preprocessor, "get_vocab", None)):
+        if hasattr(preprocessor, "backend_tokenizer"):
+            pipeline = json.loads(preprocessor.backend_tokenizer.to_str())
+            for per_call in ("truncation", "padding"):  # set by each call (PAVE passes its own)
+                pipeline.pop(per_call, None)
+            content["pipeline"] = pipeline
+        else:
+            content["vocab"] = sorted(preprocessor.get_vocab().items())
+        content.update({key: getattr(preprocessor, key, None) for key in TOKENIZER_SETTINGS})
+    elif callable(getattr(preprocessor, "to_dict", None)):
+        content["config"] = preprocessor.to_dict()
+        # the backend (PIL or torchvision) of the same configuration resizes differently
+        content["image_processor"] = type(getattr(preprocessor, "image_processor", None)).__qualname__
+    else:
+        return None
+    blob = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def encoder_decoder_inputs(model: nn.Module, input_ids: Tensor) -> Optional[Tensor]:

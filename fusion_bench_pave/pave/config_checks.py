@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 from fusion_bench.utils.packages import import_object
 
+from fusion_bench_pave.arguments import check_argument_types
 from fusion_bench_pave.pave.offload import Offload
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
@@ -32,10 +33,40 @@ def check_merger(merger: Any) -> None:
         ) from error
     if not callable(getattr(merger_class, "run", None)):
         raise ValueError(f"merger._target_={target!r} has no run(modelpool) method; it is not a merging algorithm")
+    if not is_task_vector_method(merger_class):
+        raise ValueError(
+            f"merger._target_={target!r} is not a task-vector method: PAVE hands the merger purified "
+            "fine-tuned models whose differences from the pretrained model are the purified task vectors, "
+            f"which only methods that merge W_ft - W_pre use as such. Use one of FusionBench's: "
+            f"{', '.join(sorted(TASK_VECTOR_METHODS))}"
+        )
+
+
+#: FusionBench's methods that merge the task vectors W_ft - W_pre of a pool with no data (its
+#: documentation's task-vector family, plus simple averaging: W_pre + mean of the task vectors).
+#: Their subclasses qualify too. SMILE, RegMean, Fisher, AdaMerging, ... do not: they build another
+#: architecture or need data, so PAVE's purification would not act on what they merge.
+TASK_VECTOR_METHODS = frozenset({
+    "TaskArithmeticAlgorithm", "TiesMergingAlgorithm", "SimpleAverageAlgorithm",
+    "DareSimpleAverage", "DareTaskArithmetic", "DareTiesMerging", "MagMaxAlgorithm", "ModelStock",
+    "TaskSingularVectorMerging", "ISO_C_Merge", "ISO_CTS_Merge", "WUDIMerging",
+    "TallMaskTaskArithmeticAlgorithm", "EMRMerging", "DOGE_TA_Algorithm",
+    "SingularValueCalibrationWithBaseMethod", "SingularValueCalibrationArithmeticTask",
+    "SimpleAverageForCausalLM",
+})
+
+
+def is_task_vector_method(merger_class: type) -> bool:
+    """A FusionBench class of TASK_VECTOR_METHODS, or a subclass of one."""
+    return any(
+        c.__module__.startswith("fusion_bench.method.") and c.__name__ in TASK_VECTOR_METHODS
+        for c in getattr(merger_class, "__mro__", ())
+    )
 
 
 def check_hyperparameters(algorithm: Any, dtypes: Mapping[str, Any]) -> None:
-    """Ranges and choices of a ``PAVE`` instance's settings, and its merger."""
+    """Types, ranges and choices of a ``PAVE`` instance's settings, and its merger."""
+    check_argument_types(algorithm)
     if not 0 < algorithm.rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {algorithm.rho}; rho=1 keeps every component.")
     for name in ("num_samples", "batch_size", "max_length"):
@@ -43,6 +74,9 @@ def check_hyperparameters(algorithm: Any, dtypes: Mapping[str, Any]) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(algorithm, name)}")
     if algorithm.num_rows is not None and algorithm.num_rows < 1:
         raise ValueError(f"num_rows must be >= 1 or null, got {algorithm.num_rows}")
+    for name in ("eps0", "eps_tol", "relative_alpha"):
+        if not getattr(algorithm, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(algorithm, name)}")
     choices = {
         "allocation": get_args(Allocation),
         "regularization": get_args(Regularization),
@@ -52,6 +86,35 @@ def check_hyperparameters(algorithm: Any, dtypes: Mapping[str, Any]) -> None:
     for name, allowed in choices.items():
         if getattr(algorithm, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(algorithm, name)!r}")
-    if algorithm.dare and not 0 <= float(algorithm.dare["sparsity_ratio"]) < 1:
-        raise ValueError(f"dare.sparsity_ratio must be in [0, 1), got {algorithm.dare['sparsity_ratio']}")
+    if algorithm.dare:
+        check_dare(algorithm.dare)
     check_merger(algorithm.merger)
+
+
+DARE_KEYS = {"sparsity_ratio": "a number in [0, 1)", "rescale": "true or false", "only_on_linear_weights": "true or false"}
+
+
+def check_dare(dare: Mapping) -> None:
+    """``dare`` has a numeric sparsity_ratio in [0, 1) and no other keys than DARE_KEYS."""
+    for key in dare:
+        if key not in DARE_KEYS:
+            raise TypeError(f"dare has no key '{key}' (valid keys: {', '.join(DARE_KEYS)})")
+    ratio = dare.get("sparsity_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"dare.sparsity_ratio must be {DARE_KEYS['sparsity_ratio']}, got {ratio!r}")
+    if not 0 <= ratio < 1:
+        raise ValueError(f"dare.sparsity_ratio must be in [0, 1), got {ratio}")
+    for key in ("rescale", "only_on_linear_weights"):
+        if not isinstance(dare.get(key, False), bool):
+            raise TypeError(f"dare.{key} must be {DARE_KEYS[key]}, got {dare[key]!r}")
+
+
+def check_calibration_tasks(calibration_datasets: Mapping | None, tasks: list[str]) -> None:
+    """Every task named in ``calibration_datasets`` is a fine-tuned model of the pool (a misspelled
+    task would otherwise be ignored, and the pool's train split used instead)."""
+    unknown = [task for task in calibration_datasets or {} if task not in tasks]
+    if unknown:
+        raise ValueError(
+            f"calibration_datasets names task(s) {unknown} that the model pool does not have; "
+            f"its tasks are {tasks}"
+        )

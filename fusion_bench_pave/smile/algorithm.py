@@ -16,10 +16,12 @@ from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from fusion_bench_pave.arguments import check_argument_types, reject_unknown_keys
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import atomic_output_dir, load_smile_model, save_smile_model
 from fusion_bench_pave.smile.svd import SvdMethod
 from fusion_bench_pave.smile.upscale import upscale_model
+from fusion_bench_pave.taskpool.compatibility import LANGUAGE_MODEL, check_taskpool_fits
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +63,20 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
         model_path: str | None = None,
         **kwargs,
     ) -> None:
+        reject_unknown_keys(type(self), kwargs)
         super().__init__(**kwargs)
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]) -> nn.Module:
+        check_argument_types(self)
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         device = resolve_device(self.device)
+        pretrained = modelpool.load_pretrained_model().to(device)
+        check_taskpool_fits(self._program, modelpool, pretrained)
         if self.model_path is not None and Path(self.model_path).exists():
             log.info("loading cached SMILE model from %s", self.model_path)
-            return load_smile_model(modelpool.load_pretrained_model().to(device), self.model_path)
-        pretrained = modelpool.load_pretrained_model().to(device)
+            return load_smile_model(pretrained, self.model_path)
         finetuned = [m.to(device) for m in modelpool.models()]
         model, _ = upscale_model(
             pretrained,
@@ -138,12 +143,15 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
         max_shard_gb: float = 2.0,
         **kwargs,
     ) -> None:
+        reject_unknown_keys(type(self), kwargs)
         super().__init__(**kwargs)
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, PreTrainedModel]) -> PreTrainedModel:
+        check_argument_types(self)
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
+        check_taskpool_fits(self._program, modelpool, LANGUAGE_MODEL)
         device = resolve_device(self.device)
         if self.model_path is not None and Path(self.model_path).exists() and not self.overwrite:
             log.info("loading cached SMILE model from %s", self.model_path)
