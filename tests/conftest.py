@@ -10,8 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SESSION_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def session_thread_count():
+    """Give every test the session's torch thread count back, so a test that changes it cannot change
+    the results of the tests after it (MKL's kernels give other bits at other counts on some CPUs)."""
+    yield
+    torch.set_num_threads(SESSION_THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -491,3 +491,68 @@ def test_cli_refuses_a_task_pool_of_another_model_kind_before_any_work(tmp_path)
             "input), but the model pool Seq2SeqLMPool (modelpool=tiny_t5) holds language models (input_ids input, "
             "LM head) (its pretrained model is a T5ForConditionalGeneration)") in output
     assert "PAVE covariance [" not in output and not list((tmp_path / "cache").iterdir())
+# ============================================================================================
+# Reusing a SMILE model_path (issue 14): a saved model carries its settings and the fingerprints
+# of its input models; another request at the same path is refused, never silently served.
+REUSE_REMEDY = r"; refusing to reuse it: choose a new model_path, or delete .*/smile to upscale again$"
+
+
+def reuse_clip(first: dict, second: dict, edit_second: Callable | None = None) -> Callable:
+    """Upscale the tiny CLIP family with ``first`` into tmp_path/smile, then request ``second`` there."""
+    def run(tmp_path):
+        path = str(tmp_path / "smile")
+        SmileUpscalingAlgorithm(model_path=path, **first).run(BaseModelPool(clip_family()))
+        SmileUpscalingAlgorithm(model_path=path, **second).run(BaseModelPool(clip_family(edit=edit_second)))
+    return run
+
+
+def another_m1(models):
+    smile_fc1(models).weight[0, 0] += 1.0
+
+
+def without_record(run: Callable) -> Callable:
+    """``run`` twice at tmp_path/smile, the saved record deleted in between (as older versions saved)."""
+    def twice(tmp_path):
+        run(tmp_path)
+        (tmp_path / "smile" / "smile_upscaling.json").unlink()
+        run(tmp_path)
+    return twice
+
+
+def reuse_mistral_checkpoints(tmp_path, **second):
+    """Stream the tiny Mistral family (saved as safetensors) with rank_of_expert 4 into tmp_path/smile,
+    then request ``second`` there."""
+    models = {name: str(tmp_path / name) for name in mistral_family()}
+    for name, model in mistral_family().items():
+        model.save_pretrained(models[name])
+    settings = {"rank_of_router": 2, "rank_of_expert": 4, "model_path": str(tmp_path / "smile")}
+    SmileMistralUpscalingAlgorithm(**settings).run(BaseModelPool(models))
+    SmileMistralUpscalingAlgorithm(**{**settings, **second}).run(BaseModelPool(models))
+
+
+REUSE_ROWS = [
+    ("smile: model_path built with another k", reuse_clip({"gate_k": 2, "k": 4}, {"gate_k": 2, "k": 16}),
+     ValueError, r"model_path .*/smile holds a SMILE model built differently \(k: saved 4, requested 16\)" + REUSE_REMEDY),
+    ("smile: model_path built with other settings",
+     reuse_clip({"gate_k": 2, "k": 4}, {"gate_k": 3, "k": 4, "top_k": 2, "dtype": "bfloat16"}),
+     ValueError, r"built differently \(dtype: saved None, requested 'torch\.bfloat16'; gate_k: saved 2, requested 3; "
+                 r"top_k: saved 1, requested 2\)" + REUSE_REMEDY),
+    ("smile: model_path built from another fine-tuned model", reuse_clip({"gate_k": 2, "k": 4}, {"gate_k": 2, "k": 4}, another_m1),
+     ValueError, r"built differently \(model 'm1': its weights differ from those the saved model was built from\)" + REUSE_REMEDY),
+    ("smile: model_path saved without its settings (older format)",
+     without_record(lambda tmp_path: smile_row(clip_family, model_path=str(tmp_path / "smile"))(tmp_path)),
+     ValueError, r"model_path .*/smile holds no smile_upscaling\.json \(a SMILE model saved by an older version, or not one "
+                 r"at all\), so it cannot be matched with the requested settings and models" + REUSE_REMEDY),
+    ("smile mistral: streamed model_path built with another rank_of_expert",
+     lambda tmp_path: reuse_mistral_checkpoints(tmp_path, rank_of_expert=16),
+     ValueError, r"model_path .*/smile holds a SMILE model built differently \(rank_of_expert: saved 4, requested 16\)" + REUSE_REMEDY),
+    ("smile mistral: model_path saved without its settings (older format)",
+     without_record(lambda tmp_path: mistral_row(model_path=str(tmp_path / "smile"))(tmp_path)),
+     ValueError, r"model_path .*/smile holds no smile_upscaling\.json" + ".*" + REUSE_REMEDY),
+]
+
+
+@pytest.mark.parametrize("run, error, message", [pytest.param(*row[1:], id=row[0]) for row in REUSE_ROWS])
+def test_reusing_a_smile_model_path_gets_a_clear_error(tmp_path, run, error, message):
+    with pytest.raises(error, match=message):
+        run(tmp_path)

@@ -152,6 +152,18 @@ def test_algorithm_streams_from_causal_lm_pool_and_caches(tmp_path, mistral_fami
     assert torch.equal(logits(streamed), logits(in_memory))
     cached = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE_KWARGS).run(CausalLMPool(models, tokenizer=None))
     assert torch.equal(logits(cached), logits(streamed))
+    # the record fingerprints tensors, not files: the same models given in memory reuse the checkpoint
+    loaded = SmileMistralUpscalingAlgorithm(model_path=str(out), **SMILE_KWARGS).run(
+        BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"ft{i}": copy.deepcopy(m) for i, m in enumerate(fts)}}))
+    assert torch.equal(logits(loaded), logits(streamed))
+    other = {**SMILE_KWARGS, "rank_of_expert": 16}
+    with pytest.raises(ValueError, match=r"built differently \(rank_of_expert: saved 8, requested 16\); refusing to reuse it"):
+        SmileMistralUpscalingAlgorithm(model_path=str(out), **other).run(CausalLMPool(models, tokenizer=None))
+    rebuilt = SmileMistralUpscalingAlgorithm(model_path=str(out), overwrite=True, **other).run(CausalLMPool(models, tokenizer=None))
+    assert rebuilt.config.rank_of_expert == 16
+    assert json.loads((out / "smile_upscaling.json").read_text())["settings"]["rank_of_expert"] == 16
+    reused = SmileMistralUpscalingAlgorithm(model_path=str(out), **other).run(CausalLMPool(models, tokenizer=None))
+    assert torch.equal(logits(reused), logits(rebuilt))
 
 
 def test_hub_ids_resolve_to_snapshots_and_stream(tmp_path, mistral_family, monkeypatch):

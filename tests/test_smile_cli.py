@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import fusion_bench_pave  # noqa: F401
 from fusion_bench.utils import instantiate
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
+from fusion_bench_pave.threads import fixed_threads
 
 from conftest import REPO_ROOT, compose_fusion_bench, run_fusion_bench
 
@@ -42,7 +43,9 @@ def test_smile_upscaling_cli_on_tiny_clip_matches_fusion_bench(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).last_hidden_state, theirs(pixel_values=x).last_hidden_state, rtol=1e-5, atol=1e-5)
     assert accuracies(taskpool.evaluate(reloaded)) == pytest.approx(report, abs=1e-9)
-    assert accuracies(taskpool.evaluate(theirs)) == pytest.approx(report, abs=1e-9)
+    # FusionBench's SMILE is another code path, equal to ours within 1e-5 (above): an example whose top two
+    # class scores are closer than that may flip, so one such example per task (of 64) is allowed
+    assert accuracies(taskpool.evaluate(theirs)) == pytest.approx(report, abs=1 / 64 + 1e-9)
     pretrained = accuracies(taskpool.evaluate(pool.load_pretrained_model()))
     assert report["average"] > pretrained["average"] + 0.1
 
@@ -60,7 +63,12 @@ def test_smile_upscaling_cli_on_tiny_t5(tmp_path):
 
 
 @pytest.mark.slow
-def test_smile_mistral_upscaling_cli_streams_to_a_loadable_checkpoint(tmp_path):
+def test_smile_mistral_upscaling_cli_streams_to_a_loadable_checkpoint(tmp_path, monkeypatch):
+    # The CLI streams from safetensors, the comparison below upscales in memory: both run
+    # smile_causal_lm_tensors, the same ops in the same order. The thread count must match too: MKL's
+    # SVD and GEMMs give other bits at 1 and 2 threads on some CPUs (AMD EPYC; here with
+    # MKL_ENABLE_INSTRUCTIONS=AVX2), so both processes run single-threaded and results are bit-equal.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     log_dir, saved = tmp_path / "logs", tmp_path / "smile"
     run_fusion_bench(["method=smile_mistral_upscaling", "method.rank_of_router=4", "method.rank_of_expert=8",
                       f"method.model_path={saved}", "modelpool=tiny_mistral", "taskpool=tiny_mistral",
@@ -71,10 +79,13 @@ def test_smile_mistral_upscaling_cli_streams_to_a_loadable_checkpoint(tmp_path):
     pool, taskpool = instantiate(cfg.modelpool), instantiate(cfg.taskpool)
     model = AutoModelForCausalLM.from_pretrained(saved).eval()
     assert type(model).__name__ == "SmileMistralForCausalLM"
-    assert accuracies(taskpool.evaluate(model)) == pytest.approx(report, abs=1e-9)
-    in_memory = SmileMistralUpscalingAlgorithm(rank_of_router=4, rank_of_expert=8).run(
-        {"_pretrained_": pool.load_pretrained_model(), **{n: pool.load_model(n) for n in pool.model_names}})
-    ids = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, in_memory(ids).logits)
+    with fixed_threads(1):
+        assert accuracies(taskpool.evaluate(model)) == report
+        in_memory = SmileMistralUpscalingAlgorithm(rank_of_router=4, rank_of_expert=8).run(
+            {"_pretrained_": pool.load_pretrained_model(), **{n: pool.load_model(n) for n in pool.model_names}})
+        streamed, ours = model.state_dict(), in_memory.state_dict()
+        assert streamed.keys() == ours.keys() and all(torch.equal(streamed[k], ours[k]) for k in ours)
+        ids = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, in_memory(ids).logits)
     assert report["average"] > accuracies(taskpool.evaluate(pool.load_pretrained_model()))["average"] + 0.1

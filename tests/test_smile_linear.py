@@ -59,13 +59,15 @@ def test_batched_forward_equals_reference(k, top_k, bias):
 
 def test_routing_weights_sum_to_one_and_follow_router_norms():
     layer = smile_layer(*layer_family(t=4), gate_k=2, k=4, top_k=3)
-    x = torch.randn(50, 16)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
     weights, selected = layer.routing(x)
     assert weights.shape == selected.shape == (50, 3)
     torch.testing.assert_close(weights.sum(-1), torch.ones(50))
     assert (weights > 0).all() and (weights[:, :-1] >= weights[:, 1:]).all()
+    # recomputed per expert (the layer does one GEMM over all experts), so equal only to rounding: compare
+    # the selected experts' scores with the top three, which a near-tie between experts cannot upset
     logits = torch.stack([torch.linalg.vector_norm(x @ layer.router[i].T, dim=-1) for i in range(4)], dim=-1)
-    assert torch.equal(selected, logits.topk(3, dim=-1).indices)
+    torch.testing.assert_close(logits.gather(1, selected), logits.topk(3, dim=-1).values, rtol=1e-6, atol=1e-6)
     single = smile_layer(*layer_family(t=1), gate_k=2, k=4, top_k=1)
     w1, s1 = single.routing(x)
     assert torch.equal(w1, torch.ones(50, 1)) and torch.equal(s1, torch.zeros(50, 1, dtype=torch.long))

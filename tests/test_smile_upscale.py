@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -130,13 +131,24 @@ def test_errors_name_the_layer_and_the_valid_range(clip_family):
         upscale_model(copy.deepcopy(pre), [other], gate_k=1, k=4, progress=False, target_modules=[r".*fc1"])
 
 
-def test_algorithm_saves_and_reloads_identically(tmp_path, clip_family):
+def test_algorithm_saves_and_reloads_identically_and_refuses_other_settings(tmp_path, clip_family):
     pre, fts = clip_family
     pool = lambda: BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"m{i}": copy.deepcopy(m) for i, m in enumerate(fts)}})  # noqa: E731
     path = tmp_path / "smile"
-    first = SmileUpscalingAlgorithm(gate_k=2, k=4, top_k=2, average_experts=True, model_path=str(path)).run(pool()).eval()
-    assert sorted(p.name for p in path.iterdir()) == [MANIFEST, "smile.json", "smile.safetensors"]
-    again = SmileUpscalingAlgorithm(gate_k=2, k=4, top_k=2, model_path=str(path)).run(pool()).eval()  # cache hit
+    settings = dict(gate_k=2, k=4, top_k=2, average_experts=True, model_path=str(path))
+    first = SmileUpscalingAlgorithm(**settings).run(pool()).eval()
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST, "smile.json", "smile.safetensors", "smile_upscaling.json"]
+    saved = {p.name: p.read_bytes() for p in path.iterdir()}
+    where = re.escape(str(path))
+    with pytest.raises(ValueError, match=rf"^model_path {where} holds a SMILE model built differently \(k: saved 4, requested 16\); "
+                                         rf"refusing to reuse it: choose a new model_path, or delete {where} to upscale again$"):
+        SmileUpscalingAlgorithm(**{**settings, "k": 16}).run(pool())
+    with pytest.raises(ValueError, match=r"built differently \(average_experts: saved True, requested False\)"):
+        SmileUpscalingAlgorithm(**{**settings, "average_experts": False}).run(pool())
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == saved  # refused requests leave the model as it was
+    again = SmileUpscalingAlgorithm(**settings).run(pool()).eval()  # same settings, same models: loaded
+    assert first.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(value, again.state_dict()[key]) for key, value in first.state_dict().items())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(first(pixel_values=x).last_hidden_state, again(pixel_values=x).last_hidden_state)

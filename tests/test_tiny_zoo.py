@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,15 +22,40 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_build_is_deterministic_and_complete(tmp_path, tiny_zoo):
-    again = ensure_tiny_zoo("mistral", root=tmp_path)
-    assert again.name == f"mistral-v{RECIPE}" and (again / "COMPLETE").exists()
-    assert not [p for p in again.parent.iterdir() if p.name.startswith(".mistral-") and p.is_dir()]
-    first = tiny_zoo("mistral")
+def assert_same_mistral_zoo(first, again):
     for sub in ["pretrained"] + [f"models/{t}" for t in task_names("mistral")]:
         a, b = _weights(first / sub), _weights(again / sub)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_build_is_deterministic_and_complete(tmp_path, tiny_zoo):
+    again = ensure_tiny_zoo("mistral", root=tmp_path)
+    assert again.name == f"mistral-v{RECIPE}" and (again / "COMPLETE").exists()
+    assert not [p for p in again.parent.iterdir() if p.name.startswith(".mistral-") and p.is_dir()]
+    assert_same_mistral_zoo(tiny_zoo("mistral"), again)
+
+
+BUILD_WITH_THREADS = """
+import sys, torch
+from pathlib import Path
+from fusion_bench_pave.testing import ensure_tiny_zoo
+torch.set_num_threads(int(sys.argv[2]))
+ensure_tiny_zoo("mistral", root=Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_build_does_not_depend_on_the_callers_thread_count(tmp_path):
+    # MKL's AVX2 kernels (what it runs on AMD EPYC) give other bits at 1 and 2 threads, from the first
+    # backward step on (weight gradients sum over tokens): unpinned, these builds differ in every
+    # fine-tuned model. The build holds torch to one thread.
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    for threads in (1, 2):
+        proc = subprocess.run([sys.executable, "-c", BUILD_WITH_THREADS, str(tmp_path / str(threads)), str(threads)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_mistral_zoo(*(tmp_path / str(threads) / "tiny" / f"mistral-v{RECIPE}" for threads in (1, 2)))
 
 
 def test_existing_zoo_is_reused_not_rebuilt(tiny_zoo):

@@ -17,8 +17,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fusion_bench_pave.arguments import check_argument_types, reject_unknown_keys
+from fusion_bench_pave.smile.causal_lm.checkpoint import SafetensorsCheckpoint
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
-from fusion_bench_pave.smile.io import atomic_output_dir, load_smile_model, save_smile_model
+from fusion_bench_pave.smile.io import atomic_output_dir, is_smile_checkpoint, load_smile_model, write_smile_files
+from fusion_bench_pave.smile.record import RECORD, check_record, record_text, upscaling_record, write_record
 from fusion_bench_pave.smile.svd import SvdMethod
 from fusion_bench_pave.smile.upscale import upscale_model
 from fusion_bench_pave.taskpool.compatibility import LANGUAGE_MODEL, check_taskpool_fits
@@ -43,7 +45,8 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
     Hyperparameter names follow FusionBench's ``SmileUpscalingAlgorithm``: ``gate_k`` (router
     rank), ``k`` (expert rank, <= 0 for dense experts), ``top_k``, ``routing_use_diff``,
     ``average_experts``, ``device`` (where the models live), ``upscaling_accelerator`` (where SVDs
-    run), ``model_path`` (cache: loaded if it exists, else the result is saved there). Extra:
+    run), ``model_path`` (cache: loaded if it exists and was built with the same settings from the
+    same models, refused if not; else the result is saved there with that record). Extra:
     ``target_modules`` (regexes over module names, default all ``nn.Linear``), ``dtype`` of the
     result, ``svd_method`` (auto | full | randomized).
     """
@@ -72,12 +75,19 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         device = resolve_device(self.device)
-        pretrained = modelpool.load_pretrained_model().to(device)
+        pretrained = modelpool.load_pretrained_model()
         check_taskpool_fits(self._program, modelpool, pretrained)
-        if self.model_path is not None and Path(self.model_path).exists():
-            log.info("loading cached SMILE model from %s", self.model_path)
-            return load_smile_model(pretrained, self.model_path)
-        finetuned = [m.to(device) for m in modelpool.models()]
+        finetuned = list(modelpool.models())
+        record = None
+        if self.model_path is not None:
+            record = upscaling_record(self.settings(), dict(zip(["_pretrained_", *modelpool.model_names],
+                                                                 [m.state_dict() for m in [pretrained, *finetuned]])))
+            if Path(self.model_path).exists():
+                if is_smile_checkpoint(self.model_path):  # else load_smile_model says what is missing
+                    check_record(self.model_path, record)
+                log.info("loading cached SMILE model from %s", self.model_path)
+                return load_smile_model(pretrained.to(device), self.model_path)
+        pretrained, finetuned = pretrained.to(device), [m.to(device) for m in finetuned]
         model, _ = upscale_model(
             pretrained,
             finetuned,
@@ -92,8 +102,19 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
             dtype=parse_dtype(self.dtype),
         )
         if self.model_path is not None:
-            save_smile_model(model, self.model_path)
+            with atomic_output_dir(self.model_path) as tmp:
+                write_smile_files(model, tmp)
+                write_record(tmp, record)
         return model
+
+    def settings(self) -> dict:
+        """The settings that determine the result (stored with a saved model, compared on reuse)."""
+        return {
+            "method": "smile_upscaling", "gate_k": self.gate_k, "k": self.k, "top_k": self.top_k,
+            "routing_use_diff": self.routing_use_diff, "average_experts": self.average_experts,
+            "target_modules": None if self.target_modules is None else list(self.target_modules),
+            "dtype": parse_dtype(self.dtype), "svd_method": self.svd_method,
+        }
 
 
 def safetensors_checkpoint_dir(modelpool: BaseModelPool, name: str) -> Path | None:
@@ -126,7 +147,8 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
     which is then loaded with ``AutoModelForCausalLM``; otherwise the loaded models are upscaled in
     memory. Names follow FusionBench's ``SmileMistralUpscalingAlgorithm``: ``num_experts_per_tok``,
     ``rank_of_router``, ``rank_of_expert`` (<= 0: dense experts), ``model_dtype``, ``device``,
-    ``accelerator`` (SVD device), ``model_path`` (loaded if it exists and ``overwrite`` is false).
+    ``accelerator`` (SVD device), ``model_path`` (if it exists and ``overwrite`` is false: loaded
+    when built with the same settings from the same models, refused otherwise).
     """
 
     def __init__(
@@ -153,25 +175,42 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
             modelpool = BaseModelPool(modelpool)
         check_taskpool_fits(self._program, modelpool, LANGUAGE_MODEL)
         device = resolve_device(self.device)
-        if self.model_path is not None and Path(self.model_path).exists() and not self.overwrite:
-            log.info("loading cached SMILE model from %s", self.model_path)
-            return AutoModelForCausalLM.from_pretrained(self.model_path).to(device)
         smile = SmileSettings(
             num_experts_per_tok=self.num_experts_per_tok, rank_of_router=self.rank_of_router,
             rank_of_expert=self.rank_of_expert, model_dtype=parse_dtype(self.model_dtype),
             svd_method=self.svd_method, compute_device=resolve_device(self.accelerator),
         )
-        dirs = [safetensors_checkpoint_dir(modelpool, n) for n in ["_pretrained_", *modelpool.model_names]]
-        if all(dirs):
+        names = ["_pretrained_", *modelpool.model_names]
+        dirs = [safetensors_checkpoint_dir(modelpool, n) for n in names]
+        models = None if all(dirs) else [modelpool.load_pretrained_model(), *modelpool.models()]
+        record = None
+        if self.model_path is not None:
+            inputs = [SafetensorsCheckpoint(d) for d in dirs] if models is None else [m.state_dict() for m in models]
+            record = upscaling_record(self.settings(), dict(zip(names, inputs)))
+            if Path(self.model_path).exists() and not self.overwrite:
+                check_record(self.model_path, record)
+                log.info("loading cached SMILE model from %s", self.model_path)
+                return AutoModelForCausalLM.from_pretrained(self.model_path).to(device)
+        if models is None:
             with tempfile.TemporaryDirectory() as scratch:
                 out = self.model_path or Path(scratch) / "smile"
                 upscale_causal_lm_checkpoint(
-                    dirs[0], dirs[1:], out, smile, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite
+                    dirs[0], dirs[1:], out, smile, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite,
+                    extra_files={} if record is None else {RECORD: record_text(record)},
                 )
                 return AutoModelForCausalLM.from_pretrained(out).to(device).eval()
         log.info("pool entries are not all safetensors checkpoints; upscaling in memory")
-        model = upscale_causal_lm(modelpool.load_pretrained_model().to(device), [m.to(device) for m in modelpool.models()], smile)
+        model = upscale_causal_lm(models[0].to(device), [m.to(device) for m in models[1:]], smile)
         if self.model_path is not None:
             with atomic_output_dir(self.model_path, self.overwrite) as tmp:
                 model.save_pretrained(tmp)
+                write_record(tmp, record)
         return model
+
+    def settings(self) -> dict:
+        """The settings that determine the result (stored with a saved model, compared on reuse)."""
+        return {
+            "method": "smile_mistral_upscaling", "num_experts_per_tok": self.num_experts_per_tok,
+            "rank_of_router": self.rank_of_router, "rank_of_expert": self.rank_of_expert,
+            "model_dtype": parse_dtype(self.model_dtype), "svd_method": self.svd_method,
+        }

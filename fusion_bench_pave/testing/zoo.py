@@ -9,7 +9,9 @@ Layout of a zoo (``kind`` in clip | t5 | mistral)::
         COMPLETE               written last
 
 A zoo is built in a temporary sibling directory and renamed into place, under a file lock, so
-concurrent runs (pytest workers, multirun jobs) never see a half-built zoo.
+concurrent runs (pytest workers, multirun jobs) never see a half-built zoo. The build runs with torch
+held to one thread: MKL's GEMMs give other bits at other thread counts on some CPUs (AMD EPYC), so a
+rebuild on one machine is bit-identical whatever the caller's thread count.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion_bench_pave.testing import tiny_models, tiny_tasks
+from fusion_bench_pave.threads import fixed_threads
 from fusion_bench_pave.zoo.store import build_once, cache_root
 
 RECIPE = 3
@@ -49,6 +52,7 @@ def _save_dataset(examples: list[dict], path: Path, image: bool) -> None:
     datasets.Dataset.from_list(examples, features=features).save_to_disk(str(path))
 
 
+@fixed_threads(1)
 def _build(kind: str, out: Path) -> None:
     import torch
 

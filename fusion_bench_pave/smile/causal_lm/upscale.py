@@ -150,11 +150,13 @@ def upscale_causal_lm_checkpoint(
     max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
     progress: bool = True,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Stream-upscale safetensors checkpoints into a SMILE checkpoint at ``out_path`` (written atomically).
 
     Loadable with ``AutoModelForCausalLM.from_pretrained(out_path)`` after importing
-    ``fusion_bench_pave.smile.causal_lm``. Tokenizer and generation files are copied from the base.
+    ``fusion_bench_pave.smile.causal_lm``. Tokenizer and generation files are copied from the base;
+    ``extra_files`` (name -> text) are written beside them, in the same atomic step.
     """
     base_path = Path(base_path)
     config = smile_config_from(AutoConfig.from_pretrained(base_path), len(expert_paths), settings)
@@ -171,6 +173,8 @@ def upscale_causal_lm_checkpoint(
         for file in base_path.iterdir():
             if file.is_file() and _AUX_FILES.fullmatch(file.name) and file.name != INDEX:
                 shutil.copy2(file, tmp / file.name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_path)
 
 
