@@ -1,9 +1,9 @@
-"""PAVE purification speed and peak memory: ours vs the official procedure (benchmarks/official_pave.py).
+"""PAVE purification speed and peak memory: ours vs the official procedure (reference/official_pave.py).
 
 For each shape setting a reduced model is built in-process with random weights at the real widths
 (BertModel for MiniLM, CLIPVisionModel for ViT-B/32, MistralModel for a Mistral-7B layer), T
 fine-tuned copies are made by seeded perturbation, and each task gets seeded calibration inputs
-giving exactly N token rows. The `minilm_zoo` setting instead takes the real MiniLM zoo (all six
+giving exactly N token rows (reference/pave_comparison.py, which also runs both procedures). The `minilm_zoo` setting instead takes the real MiniLM zoo (all six
 layers, real fine-tuned weights, N rows of each task's real training text; built first if missing),
 where activations are far less isotropic than random inputs. Both procedures run on the same models and rows, each in a fresh
 subprocess (peak RSS = ru_maxrss of that child, so they don't contaminate each other), alternating
@@ -16,14 +16,13 @@ component fewer than our floor(rho*T*R) budget) and the official per-model rank 
 d_in = 4096): one fp32 inverse of the 14336^2 down_proj covariance, or a full SVD of a 4096-wide
 product, takes minutes on 2 cores; widen with --mistral-modules.
 
-    python benchmarks/perf_pave.py [--quick] [--repeats 3] [--settings minilm vit_b32 mistral_layer]
+    python -m benchmarks.perf_pave [--quick] [--repeats 3] [--settings minilm vit_b32 mistral_layer]
 Prints a table and writes JSON to --out (default benchmarks/results/perf_pave.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -38,14 +37,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import pave_comparison
+from reference.pave_comparison import MISTRAL_LINEARS, RHO, run_official, run_ours
 
-from official_pave import official_pave  # noqa: E402
-
-from fusion_bench_pave.pave import PAVE  # noqa: E402
-from fusion_bench_pave.pave.covariance import collect_covariance  # noqa: E402
-
-MISTRAL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "minilm": dict(kind="bert", hidden=384, ffn=1536, heads=12, layers=2, tasks=3, rows=4096, seq=128, batch=8, eps0=0.1),
@@ -56,56 +51,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
                           seq=128, batch=2, eps0=0.01, modules=["k_proj", "v_proj"]),
 }
 QUICK = {"minilm": dict(layers=1, tasks=2, rows=1024), "vit_b32": dict(layers=1, tasks=2, rows=1024)}
-RHO = 0.9
-
-
-def build_model(setting: dict, seed: int = 0) -> nn.Module:
-    """A randomly initialised model at the setting's widths (float32, eval mode)."""
-    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralModel
-
-    torch.manual_seed(seed)
-    kind, d, ffn, heads, layers = (setting[k] for k in ("kind", "hidden", "ffn", "heads", "layers"))
-    if kind == "bert":
-        config = BertConfig(vocab_size=1000, hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
-                            num_hidden_layers=layers, max_position_embeddings=512)
-        return BertModel(config, add_pooling_layer=False).eval()
-    if kind == "clip":
-        config = CLIPVisionConfig(hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
-                                  num_hidden_layers=layers, image_size=224, patch_size=32)
-        return CLIPVisionModel(config).eval()
-    config = MistralConfig(vocab_size=1024, hidden_size=d, intermediate_size=ffn, num_attention_heads=heads,
-                           num_key_value_heads=setting["kv_heads"], num_hidden_layers=layers, sliding_window=None)
-    return MistralModel(config).eval()
-
-
-@torch.no_grad()
-def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
-    """A 'fine-tuned' copy: every float parameter plus seeded noise of `scale` times its std."""
-    clone = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    for p in clone.parameters():
-        p.add_(torch.randn(p.shape, generator=generator) * scale * (p.std() if p.numel() > 1 else 1))
-    return clone
-
-
-def calibration_batches(setting: dict, seed: int) -> list[dict]:
-    """Seeded model inputs of one task holding at least `rows` token rows."""
-    generator = torch.Generator().manual_seed(seed)
-    if setting["kind"] == "clip":
-        images = -(-setting["rows"] // 50)  # 50 tokens per 224px image at patch 32
-        pixels = torch.randn(images, 3, 224, 224, generator=generator)
-        return [{"pixel_values": p} for p in pixels.split(setting["batch"])]
-    sequences = -(-setting["rows"] // setting["seq"])
-    vocab = 1000 if setting["kind"] == "bert" else 1024
-    ids = torch.randint(3, vocab, (sequences, setting["seq"]), generator=generator)
-    return [{"input_ids": i} for i in ids.split(setting["batch"])]
-
-
-def excluded(setting: dict) -> list[str]:
-    """Linear names (last part) kept unpurified in this setting."""
-    if "modules" not in setting:
-        return []
-    return [name for name in MISTRAL_LINEARS if name not in setting["modules"]]
 
 
 def build_zoo(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, list[dict]]]:
@@ -115,7 +60,7 @@ def build_zoo(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str,
     import datasets
     from transformers import AutoModel, AutoTokenizer
 
-    from fusion_bench_pave.zoo import ensure_zoo
+    from fusion_bench_pave.assets import ensure_zoo
 
     root = ensure_zoo("minilm")
     load = lambda path: AutoModel.from_pretrained(path, add_pooling_layer=False).eval()  # noqa: E731
@@ -134,51 +79,8 @@ def build_zoo(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str,
 
 
 def build(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, list[dict]]]:
-    """(pretrained, {task: fine-tuned}, {task: batches}), all seeded."""
-    if setting["kind"] == "zoo_minilm":
-        return build_zoo(setting)
-    pretrained = build_model(setting)
-    tasks = [f"task{i}" for i in range(setting["tasks"])]
-    finetuned = {t: perturbed(pretrained, 100 + i) for i, t in enumerate(tasks)}
-    batches = {t: calibration_batches(setting, 200 + i) for i, t in enumerate(tasks)}
-    return pretrained, finetuned, batches
-
-
-def run_ours(finetuned: dict[str, nn.Module], batches: dict[str, list[dict]], setting: dict, rho: float = RHO
-             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, int]]]:
-    """fusion_bench_pave's path: streaming covariance per task, then PAVE.purify_ (in place).
-    Returns ({task: {layer: purified weight}}, {task: {layer: kept rank}})."""
-    algo = PAVE(merger={}, rho=rho, allocation="per_model", eps0=setting["eps0"], num_rows=setting["rows"],
-                exclude_modules=excluded(setting))
-    stats = {
-        task: collect_covariance(model, ((b, None) for b in batches[task]), algo._include, max_rows=setting["rows"])
-        for task, model in finetuned.items()
-    }
-    ranks, _ = algo.purify_(finetuned, stats)
-    weights = {t: {l: m.get_submodule(l).weight.data for l in ranks[t]} for t, m in finetuned.items()}
-    return weights, ranks
-
-
-@torch.no_grad()
-def run_official(pretrained: nn.Module, finetuned: dict[str, nn.Module], batches: dict[str, list[dict]],
-                 setting: dict, rho: float = RHO, dtype: torch.dtype = torch.float32
-                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, int]]]:
-    """The official procedure; same return shape as `run_ours` (W_tilde = tau + W_pre). It computes
-    in the model dtype, float32 like the official code; `dtype=float64` runs it on float64 copies
-    (to tell its float32 rounding apart from procedural differences)."""
-    if dtype != torch.float32:
-        pretrained = copy.deepcopy(pretrained).to(dtype)
-        finetuned = {t: copy.deepcopy(m).to(dtype) for t, m in finetuned.items()}
-        batches = {t: [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()} for b in bs]
-                   for t, bs in batches.items()}
-    exclude = tuple(excluded(setting))
-    vectors, ratios = official_pave(pretrained, finetuned, batches, rho, setting["rows"], setting["eps0"], exclude=exclude)
-    pre = dict(pretrained.named_parameters())
-    layers = [name for name, m in finetuned[next(iter(finetuned))].named_modules()
-              if isinstance(m, nn.Linear) and not name.endswith(exclude)]
-    weights = {t: {l: vectors[t][f"{l}.weight"] + pre[f"{l}.weight"] for l in layers} for t in finetuned}
-    ranks = {t: {l: max(1, round(min(w.shape) * ratios[t])) for l, w in weights[t].items()} for t in finetuned}
-    return weights, ranks
+    """(pretrained, {task: fine-tuned}, {task: batches}): the real zoo, or seeded random models."""
+    return build_zoo(setting) if setting["kind"] == "zoo_minilm" else pave_comparison.build(setting)
 
 
 # ----------------------------------------------------------------------------- child process
@@ -215,7 +117,8 @@ def spawn(procedure: str, setting: dict, save: str | None, threads: int) -> dict
     payload = json.dumps({"procedure": procedure, "setting": setting, "save": save, "threads": threads})
     # every BLAS/OpenMP pool of the child gets `threads`, not only torch's
     env = os.environ | {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perf_pave", "--child", payload], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{procedure} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

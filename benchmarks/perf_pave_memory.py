@@ -1,13 +1,13 @@
 """PAVE peak memory and purification time with covariance_offload=memory vs disk.
 
 A CLIPVisionModel at ViT-B/32 widths (d 768, MLP 3072, 12 layers, random weights) and T seeded
-fine-tuned copies, each task with N seeded token rows (perf_pave.py's builders). Each run is a fresh
+fine-tuned copies, each task with N seeded token rows (reference/pave_comparison.py's builders). Each run is a fresh
 subprocess (peak RSS = its ru_maxrss) doing what PAVE.run does between loading and merging:
 collect each task's statistics, hand them to CovarianceOffload(mode), then PAVE.purify_. Runs
 alternate memory/disk per repeat so machine load hits both alike. Each run also reports a content
 hash of all purified weights and of the kept ranks, which must agree between the modes.
 
-    python benchmarks/perf_pave_memory.py [--tasks 4] [--layers 12] [--rows 1024] [--repeats 2]
+    python -m benchmarks.perf_pave_memory [--tasks 4] [--layers 12] [--rows 1024] [--repeats 2]
 Writes JSON to --out (default benchmarks/results/perf_pave_memory.json).
 """
 
@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from perf_pave import SETTINGS, build  # noqa: E402
-
-from fusion_bench_pave.pave import PAVE  # noqa: E402
-from fusion_bench_pave.pave.cache import fingerprint_state_dict  # noqa: E402
-from fusion_bench_pave.pave.covariance import collect_covariance  # noqa: E402
-from fusion_bench_pave.pave.offload import CovarianceOffload, stats_bytes  # noqa: E402
+from benchmarks.perf_pave import REPO_ROOT, SETTINGS
+from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave.cache import fingerprint_state_dict
+from fusion_bench_pave.pave.covariance import collect_covariance
+from fusion_bench_pave.pave.offload import CovarianceOffload, stats_bytes
+from reference.pave_comparison import build
 
 MODES = ("memory", "disk")
 
@@ -80,7 +78,8 @@ def child(args: dict) -> dict:
 
 
 def spawn(args: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perf_pave_memory", "--child", json.dumps(args)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{args['mode']} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -9,8 +9,8 @@ Flat peak RSS across depths means a 32-layer Mistral-7B needs no more memory tha
 Speed (``--speed``): upscaling time and forward time of our SMILE vs FusionBench's
 ``SmileUpscalingAlgorithm`` on a CLIP-ViT-B-width vision tower (in memory, CPU).
 
-    python benchmarks/perf_smile_streaming.py [--depths 1 2 3] [--experts 3] [--rank-of-expert 32]
-    python benchmarks/perf_smile_streaming.py --speed
+    python -m benchmarks.perf_smile_streaming [--depths 1 2 3] [--experts 3] [--rank-of-expert 32]
+    python -m benchmarks.perf_smile_streaming --speed
 Writes a table to stdout and JSON to --out (default benchmarks/results/perf_smile_*.json).
 """
 
@@ -154,14 +154,11 @@ def speed(args: argparse.Namespace) -> list[dict]:
     import fusion_bench_pave  # noqa: F401  (compat shim)
     from fusion_bench.method import SmileUpscalingAlgorithm as FusionBenchSmile
     from fusion_bench.modelpool import BaseModelPool
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from fusion_bench_pave.smile.upscale import upscale_model
+    from reference.tiny_models import clip_vision
 
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=args.speed_layers, num_attention_heads=12,
-                           image_size=224, patch_size=32)
-    pre = CLIPVisionModel(cfg).eval()
+    pre = clip_vision(0, hidden_size=768, intermediate_size=3072, num_hidden_layers=args.speed_layers,
+                      num_attention_heads=12, image_size=224, patch_size=32)
     fts = []
     for _ in range(args.speed_experts):
         m = copy.deepcopy(pre)

@@ -8,10 +8,10 @@ Hyperparameters (lambda, rho) are chosen on the validation task pool; each chose
 evaluated once on the test task pool. Writes ``results.json``, ``results.md`` and
 ``accuracy_vs_params.png`` into ``--out``.
 
-    python -m fusion_bench_pave.zoo.install text
-    python benchmarks/reproduce.py --zoo minilm --out benchmarks/results/minilm
-    python -m fusion_bench_pave.zoo.install text llm   # the SmolLM2-as-Mistral causal-LM zoo
-    python benchmarks/reproduce.py --zoo smollm --only task_arithmetic smile_mistral_upscaling \
+    python -m fusion_bench_pave.assets.install text
+    python -m benchmarks.reproduce --zoo minilm --out benchmarks/results/minilm
+    python -m fusion_bench_pave.assets.install text llm   # the SmolLM2-as-Mistral causal-LM zoo
+    python -m benchmarks.reproduce --zoo smollm --only task_arithmetic smile_mistral_upscaling \
         emr_merging/emr_merging simple_average --gate-k 4 --k 16 64 --num-samples 64 --max-length 96 \
         --val-rows 40 --test-rows 100   # FusionBench's TIES needs > 14 GB for its 135M models
 """
@@ -23,16 +23,14 @@ import itertools
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import write_outputs  # noqa: E402
+from benchmarks.report import write_outputs  # noqa: E402
 
 # zoo -> its modelpool / test / val yaml and its SMILE method with that method's (gate_k, k) keys
 SMILE_UPSCALING = {"method": "smile_upscaling", "gate_k": "method.gate_k", "k": "method.k"}
@@ -158,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from fusion_bench_pave.zoo import cache_root
+    from fusion_bench_pave.assets import cache_root
 
     bench = Bench(args.zoo, cache_root(), args.val_rows, args.test_rows)
     rows: list[dict] = []

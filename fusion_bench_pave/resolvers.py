@@ -1,7 +1,7 @@
 """OmegaConf resolvers our yaml uses.
 
-- ``${fbp_tiny:clip}``: the tiny CLIP zoo's directory, built on first use, so ``modelpool=tiny_clip``
-  works on a fresh machine with no set-up step.
+- ``${fbp_zoo:<name>}``: the directory of a zoo of ``fusion_bench_pave.assets`` (tiny_clip, minilm,
+  ...), built on first use, so ``modelpool=tiny_clip`` works on a fresh machine with no set-up step.
 - ``${fbp_job_log_dir:<default>}``: in a Hydra multirun, the job's own ``<sweep.dir>/<sweep.subdir>``;
   otherwise ``<default>`` itself, or ``<default>_2``, ``<default>_3``, ... if that is taken (see
   ``claim_dir``). FusionBench's log dir is ``.../${now:%Y-%m-%d_%H-%M-%S}``, which every job of a
@@ -19,14 +19,8 @@ from omegaconf import OmegaConf
 _claimed: dict[str, str] = {}
 
 
-def _tiny_zoo(kind: str) -> str:
-    from fusion_bench_pave.testing import ensure_tiny_zoo
-
-    return str(ensure_tiny_zoo(kind))
-
-
 def _zoo(name: str) -> str:
-    from fusion_bench_pave.zoo import ensure_zoo
+    from fusion_bench_pave.assets import ensure_zoo
 
     return str(ensure_zoo(name))
 
@@ -61,9 +55,7 @@ def claim_dir(base: str) -> str:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("fbp_tiny"):
-        OmegaConf.register_new_resolver("fbp_tiny", _tiny_zoo, use_cache=True)
-    if not OmegaConf.has_resolver("fbp_zoo"):  # ${fbp_zoo:minilm}: a real zoo (fusion_bench_pave.zoo)
+    if not OmegaConf.has_resolver("fbp_zoo"):
         OmegaConf.register_new_resolver("fbp_zoo", _zoo, use_cache=True)
     if not OmegaConf.has_resolver("fbp_job_log_dir"):
         OmegaConf.register_new_resolver("fbp_job_log_dir", _job_log_dir)

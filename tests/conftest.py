@@ -36,9 +36,14 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo(tiny_cache: Path):
     """``tiny_zoo("clip")`` -> directory of the tiny CLIP zoo, built once per session."""
-    from fusion_bench_pave.testing import ensure_tiny_zoo
+    from fusion_bench_pave.assets import ensure_zoo
 
-    return lambda kind: ensure_tiny_zoo(kind, root=tiny_cache)
+    return lambda kind: ensure_zoo(f"tiny_{kind}", root=tiny_cache)
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for a Python child process that imports test modules or ``reference``."""
+    return os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
 
 
 def compose_fusion_bench(overrides: list[str]):

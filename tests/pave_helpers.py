@@ -1,5 +1,5 @@
-"""Tiny in-process model pools for the PAVE tests: CLIP vision, T5 and Mistral with a word-level
-tokenizer, perturbed fine-tuned copies and small train splits. Nothing is downloaded."""
+"""Tiny in-process model pools for the PAVE tests: CLIP vision, T5 and Mistral (reference.tiny_models)
+with a word-level tokenizer, perturbed fine-tuned copies and small train splits. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from PIL import Image
 from torch import nn
 
 from fusion_bench import BaseModelPool
+from reference.tiny_models import WORDS, clip_vision, decoder, perturbed, t5, tokenizer
 
-WORDS = [f"w{i}" for i in range(40)]
+# the PAVE tests' T5 and Mistral: reference.tiny_models' defaults with these fields
+T5 = dict(vocab_size=64, d_kv=16, num_heads=2, feed_forward_proj="relu", eos_token_id=1)
+MISTRAL = dict(max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1, sliding_window=None)
 
 
 class CalibrationPool(BaseModelPool):
@@ -38,19 +41,6 @@ class CalibrationPool(BaseModelPool):
         return self._preprocessor_object
 
 
-def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
-    """A 'fine-tuned' copy: every float parameter plus seeded low-rank-ish noise."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in clone.parameters():
-            noise = torch.randn(p.shape, generator=generator) * scale * (p.std() if p.numel() > 1 else 1)
-            p.add_(noise.to(p.dtype))
-    return clone
-
-
 def image_dataset(n: int, seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
@@ -63,64 +53,18 @@ def text_dataset(n: int, seed: int) -> Dataset:
     return Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(n)]})
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def tiny_clip(seed: int = 0) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )
-    return CLIPVisionModel(config).eval()
-
-
-def tiny_t5(seed: int = 0) -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False,
-    )
-    return T5ForConditionalGeneration(config).eval()
-
-
-def tiny_mistral(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, sliding_window=None,
-    )
-    return MistralForCausalLM(config).to(dtype).eval()
-
-
 def make_pool(kind: str = "clip", tasks: int = 3, rows: int = 24, dtype: torch.dtype = torch.float32) -> CalibrationPool:
     """Pretrained + `tasks` perturbed fine-tuned copies of a tiny model, with train splits."""
     if kind == "clip":
         from transformers import CLIPImageProcessor
 
-        base = tiny_clip()
+        base = clip_vision()
         pre = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         data = lambda s: image_dataset(rows, s)  # noqa: E731
         data_kind = "image"
     else:
-        base = tiny_t5() if kind == "t5" else tiny_mistral(dtype=dtype)
-        pre = word_tokenizer()
+        base = t5(**T5) if kind == "t5" else decoder("mistral", **MISTRAL).to(dtype)
+        pre = tokenizer()
         data = lambda s: text_dataset(rows, s)  # noqa: E731
         data_kind = "text"
     names = [f"task{i}" for i in range(tasks)]

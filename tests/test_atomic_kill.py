@@ -27,13 +27,12 @@ from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
 
-from conftest import REPO_ROOT, compose_fusion_bench
+from conftest import REPO_ROOT, child_pythonpath, compose_fusion_bench
 
-TESTS = Path(__file__).resolve().parent
 
 
 def start(code: str, *args: str, pause: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": child_pythonpath()}
     env.pop(PAUSE_ENV, None)
     if pause is not None:
         env[PAUSE_ENV] = pause
@@ -102,17 +101,17 @@ save_smile_model(smile_model(int(sys.argv[2])), sys.argv[1], overwrite=True)
 
 def smile_model(seed: int) -> torch.nn.Module:
     """A tiny CLIP SMILE model whose experts depend on ``seed``."""
-    from smile_helpers import finetuned_copies, tiny_clip_vision
+    from reference.tiny_models import clip_vision, noisy_copies
 
-    base = tiny_clip_vision()
-    pool = {"_pretrained_": base, **{f"m{i}": m for i, m in enumerate(finetuned_copies(base, 2, seed=seed))}}
+    base = clip_vision()
+    pool = {"_pretrained_": base, **{f"m{i}": m for i, m in enumerate(noisy_copies(base, 2, seed=seed))}}
     return SmileUpscalingAlgorithm(gate_k=2, k=4).run(BaseModelPool(pool))
 
 
 def smile_weights(path: Path) -> dict[str, torch.Tensor]:
-    from smile_helpers import tiny_clip_vision
+    from reference.tiny_models import clip_vision
 
-    return load_smile_model(tiny_clip_vision(), path).state_dict()
+    return load_smile_model(clip_vision(), path).state_dict()
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

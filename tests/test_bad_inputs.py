@@ -36,8 +36,8 @@ from fusion_bench_pave.summarize import summarize
 from fusion_bench_pave.taskpool import LabelWordsTaskPool
 
 from conftest import compose_fusion_bench
-from pave_helpers import make_pool, tiny_t5
-from smile_helpers import finetuned_copies, tiny_causal_lm, tiny_clip_vision
+from pave_helpers import T5, make_pool
+from reference.tiny_models import clip_vision, decoder, noisy_copies, t5
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 
@@ -92,8 +92,8 @@ def pave_row(edit=None, **kwargs) -> Callable:
 
 # --------------------------------------------------------------- SMILE inputs
 def clip_family(n: int = 2, edit: Callable | None = None) -> dict[str, nn.Module]:
-    base = tiny_clip_vision()
-    models = {"_pretrained_": base, **{f"m{i}": m for i, m in enumerate(finetuned_copies(base, n))}}
+    base = clip_vision()
+    models = {"_pretrained_": base, **{f"m{i}": m for i, m in enumerate(noisy_copies(base, n))}}
     if edit is not None:
         with torch.no_grad():
             edit(models)
@@ -122,8 +122,8 @@ def smile_shape(models):
 
 
 def mistral_family(n: int = 2) -> dict[str, nn.Module]:
-    base = tiny_causal_lm("mistral", layers=2)
-    return {"_pretrained_": base, **{f"m{i}": m for i, m in enumerate(finetuned_copies(base, n))}}
+    base = decoder("mistral")
+    return {"_pretrained_": base, **{f"m{i}": m for i, m in enumerate(noisy_copies(base, n))}}
 
 
 def mistral_row(**kwargs) -> Callable:
@@ -133,7 +133,7 @@ def mistral_row(**kwargs) -> Callable:
 
 def existing_smile_output(tmp_path):
     (tmp_path / "smile").mkdir()
-    save_smile_model(tiny_clip_vision(), tmp_path / "smile")
+    save_smile_model(clip_vision(), tmp_path / "smile")
 
 
 def not_a_smile_checkpoint(tmp_path):
@@ -278,11 +278,11 @@ def no_linear_pool(tmp_path):
 
 ROWS = [
     # PAVE: pool contents
-    ("pave: fine-tuned model of another architecture", pave_row(lambda p: p._models.__setitem__("task1", tiny_t5())),
+    ("pave: fine-tuned model of another architecture", pave_row(lambda p: p._models.__setitem__("task1", t5(**T5))),
      ValueError, r"task 'task1': architecture differs from the pretrained model"),
     ("pave: fine-tuned weight of another shape", pave_row(lambda p: set_fc1_weight(p, (16, 32))),
      ValueError, r"task 'task2': parameter '.*fc1\.weight' has shape \(16, 32\), pretrained has \(64, 32\)"),
-    ("pave: pool without fine-tuned models", lambda tmp_path: pave().run({"_pretrained_": tiny_clip_vision()}),
+    ("pave: pool without fine-tuned models", lambda tmp_path: pave().run({"_pretrained_": clip_vision()}),
      ValueError, r"the pool has no fine-tuned models besides _pretrained_"),
     ("pave: task without calibration data", pave_row(lambda p: p._train_datasets.pop("task1")),
      ValueError, r"task 'task1' has no calibration data: add `train_datasets\.task1`"),
@@ -326,7 +326,7 @@ ROWS = [
      ValueError, r"dare\.sparsity_ratio must be in \[0, 1\), got 1\.0"),
     # SMILE (any architecture)
     ("smile: fine-tuned model of another architecture",
-     lambda tmp_path: SmileUpscalingAlgorithm(gate_k=2, k=4).run(BaseModelPool({"_pretrained_": tiny_clip_vision(), "m0": tiny_causal_lm()})),
+     lambda tmp_path: SmileUpscalingAlgorithm(gate_k=2, k=4).run(BaseModelPool({"_pretrained_": clip_vision(), "m0": decoder(num_hidden_layers=3)})),
      ValueError, r"encoder\.layers\.0\.self_attn\.k_proj: missing in fine-tuned model 0"),
     ("smile: fine-tuned layer of another shape", smile_row(lambda: clip_family(edit=smile_shape)),
      ValueError, r"layers\.0\.mlp\.fc1: fine-tuned model 0 has weight shape \(48, 32\), pretrained has \(64, 32\)"),

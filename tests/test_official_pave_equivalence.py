@@ -1,19 +1,15 @@
-"""The benchmark baseline (benchmarks/official_pave.py, the official two-pass inverse-form procedure
+"""The benchmark baseline (reference/official_pave.py, the official two-pass inverse-form procedure
 on stored activations) and our PAVE path give the same purified weights on tiny models."""
 
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import perf_pave  # noqa: E402
-from official_pave import doubling_inverse, greedy_trim  # noqa: E402
+from reference import pave_comparison
+from reference.official_pave import doubling_inverse, greedy_trim
 
 TINY = {
     "bert": dict(kind="bert", hidden=32, ffn=64, heads=2, layers=2, tasks=3, rows=256, seq=16, batch=4, eps0=0.1),
@@ -26,9 +22,9 @@ TINY = {
 @pytest.mark.parametrize("kind", list(TINY))
 def test_official_procedure_and_ours_give_the_same_purified_weights(kind):
     setting = TINY[kind]
-    pretrained, finetuned, batches = perf_pave.build(setting)
-    official, official_ranks = perf_pave.run_official(pretrained, copy.deepcopy(finetuned), batches, setting)
-    ours, ranks = perf_pave.run_ours(finetuned, batches, setting)
+    pretrained, finetuned, batches = pave_comparison.build(setting)
+    official, official_ranks = pave_comparison.run_official(pretrained, copy.deepcopy(finetuned), batches, setting)
+    ours, ranks = pave_comparison.run_ours(finetuned, batches, setting)
     assert ranks == official_ranks
     kept = [r for by_layer in ranks.values() for r in by_layer.values()]
     full = [min(w.shape) for by_layer in ours.values() for w in by_layer.values()]
@@ -40,7 +36,7 @@ def test_official_procedure_and_ours_give_the_same_purified_weights(kind):
             reference = official[task][layer]
             assert torch.linalg.norm(weight - reference) / torch.linalg.norm(reference) <= 1e-4, (task, layer)
         pruned = [l for l in ours[task] if ranks[task][l] < min(ours[task][l].shape)]
-        original = perf_pave.build(setting)[1][task]
+        original = pave_comparison.build(setting)[1][task]
         assert any(not torch.allclose(ours[task][l], original.get_submodule(l).weight, atol=1e-4) for l in pruned)
 
 

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import child_pythonpath
 from pave_helpers import make_pool
 
 from fusion_bench_pave.pave import PAVE
@@ -47,8 +48,7 @@ def test_ddp_two_cpu_processes_equal_single_process(tmp_path):
     script = tmp_path / "pave_ddp.py"
     script.write_text(SCRIPT.format(merger=MERGER, settings=SETTINGS))
     out = tmp_path / "ddp.pt"
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     proc = subprocess.run(
         [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300
     )

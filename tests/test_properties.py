@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fusion_bench_pave.pave.rank_allocation import allocate_layer, allocate_ranks, floor_rank, rank_budget
 from fusion_bench_pave.smile import SmileLinear
+from reference.smile_forward import naive_forward
 
 FEW = settings(max_examples=40, deadline=None)
 
@@ -90,27 +91,6 @@ def smile_layers(draw):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
     batch = draw(st.sampled_from([(1,), (7,), (2, 5), (3, 1, 4)]))
     return layer, torch.randn(*batch, n, generator=gen, dtype=torch.float64)
-
-
-def naive_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
-    """y = W0 x + b0 + sum over the top_k experts of w_i (dW_i x + db_i), token by token."""
-    tokens = x.reshape(-1, layer.in_features)
-    rows = []
-    for token in tokens:
-        y = layer.weight @ token + (layer.bias if layer.bias is not None else 0)
-        if layer.num_experts == 1:
-            chosen, weights = [0], [1.0]
-        else:
-            scores = torch.stack([torch.linalg.vector_norm(g @ token) for g in layer.router]).softmax(0)
-            top = torch.topk(scores, layer.top_k)
-            chosen, weights = top.indices.tolist(), (top.values / top.values.sum()).tolist()
-        for i, w in zip(chosen, weights):
-            delta = layer.expert_u[i] @ (layer.expert_svh[i] @ token) if layer.k > 0 else layer.expert_weight[i] @ token
-            if layer.expert_bias is not None:
-                delta = delta + layer.expert_bias[i]
-            y = y + w * delta
-        rows.append(y)
-    return torch.stack(rows).reshape(*x.shape[:-1], layer.out_features)
 
 
 @FEW

@@ -16,7 +16,7 @@ from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm
 from fusion_bench_pave.smile.causal_lm import SmileMistralConfig, SmileMistralForCausalLM
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
-from smile_helpers import finetuned_copies, tiny_causal_lm
+from reference.tiny_models import decoder, noisy_copies
 
 PROJ = r"_proj\.weight"
 SMILE_KWARGS = dict(rank_of_router=4, rank_of_expert=8, num_experts_per_tok=2)
@@ -26,8 +26,8 @@ SMILE = SmileSettings(**SMILE_KWARGS)
 @pytest.fixture(scope="module")
 def mistral_family(tmp_path_factory):
     """Pretrained + 3 fine-tuned tiny Mistrals (layer 1 attention untouched), saved as sharded safetensors."""
-    pre = tiny_causal_lm("mistral")
-    fts = finetuned_copies(pre, 3, only=PROJ, skip=r"layers\.1\.self_attn")
+    pre = decoder("mistral", num_hidden_layers=3)
+    fts = noisy_copies(pre, 3, only=PROJ, skip=r"layers\.1\.self_attn")
     root = tmp_path_factory.mktemp("mistral")
     pre.save_pretrained(root / "base", max_shard_size="40KB")
     for i, m in enumerate(fts):
@@ -102,8 +102,8 @@ def test_projection_equals_fusion_bench_upscale_to_smile_linear(mistral_family):
 
 
 def test_qwen2_with_biases_round_trips(tmp_path):
-    pre = tiny_causal_lm("qwen2", layers=2)
-    fts = finetuned_copies(pre, 2, only=r"_proj\.(weight|bias)")
+    pre = decoder("qwen2")
+    fts = noisy_copies(pre, 2, only=r"_proj\.(weight|bias)")
     model = upscale_causal_lm(pre, fts, SMILE, progress=False)
     assert model.config.model_type == "smile_qwen2" and model.model.layers[0].self_attn.q_proj.expert_bias is not None
     model.save_pretrained(tmp_path / "q")
@@ -131,7 +131,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, mistral_family):
     with pytest.raises(ValueError, match="nothing to upscale"):
         upscale_causal_lm_checkpoint(root / "base", [root / "base"], tmp_path / "a", replace(SMILE, num_experts_per_tok=1), progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # atomic: no partial output
-    bigger = tiny_causal_lm("mistral", layers=3)
+    bigger = decoder("mistral", num_hidden_layers=3)
     bigger.model.layers[2].mlp.up_proj = torch.nn.Linear(32, 48, bias=False)
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.up_proj: fine-tuned model 0 has weight shape \(48, 32\)"):
         upscale_causal_lm(pre, [bigger], replace(SMILE, num_experts_per_tok=1), progress=False)

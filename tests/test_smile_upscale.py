@@ -15,7 +15,7 @@ from fusion_bench_pave.atomic import MANIFEST
 from fusion_bench_pave.smile import SmileLinear, upscale_model
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.io import save_smile_model
-from smile_helpers import finetuned_copies, tiny_clip_vision, tiny_t5
+from reference.tiny_models import clip_vision, noisy_copies, t5
 
 CONFIGS = [
     dict(gate_k=4, k=8, top_k=1),
@@ -39,14 +39,14 @@ def ours_upscale(pretrained, finetuned, **kw) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def clip_family():
-    pre = tiny_clip_vision()
-    return pre, finetuned_copies(pre, 3)
+    pre = clip_vision()
+    return pre, noisy_copies(pre, 3)
 
 
 @pytest.fixture(scope="module")
 def t5_family():
-    pre = tiny_t5()
-    return pre, finetuned_copies(pre, 3, scale=0.05)
+    pre = t5()
+    return pre, noisy_copies(pre, 3, scale=0.05)
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=str)
@@ -75,7 +75,7 @@ def test_t5_equals_fusion_bench(t5_family, kw):
 
 def test_top1_full_rank_reproduces_each_finetuned_model(clip_family):
     pre = clip_family[0]
-    ft = finetuned_copies(pre, 1, only=r"(proj|fc\d)\.(weight|bias)")[0]
+    ft = noisy_copies(pre, 1, only=r"(proj|fc\d)\.(weight|bias)")[0]
     model = ours_upscale(pre, [ft], gate_k=1, k=32, top_k=1)  # 32 = min(m, n) of every linear
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_top1_full_rank_reproduces_each_finetuned_model(clip_family):
 
 def test_inputs_are_not_modified_and_only_changed_layers_are_upscaled(clip_family):
     pre = clip_family[0]
-    fts = finetuned_copies(pre, 2, only=r"layers\.0\.mlp")
+    fts = noisy_copies(pre, 2, only=r"layers\.0\.mlp")
     before = [copy.deepcopy(m.state_dict()) for m in fts]
     model, report = upscale_model(copy.deepcopy(pre), fts, gate_k=2, k=4, progress=False)
     assert report.upscaled == ["encoder.layers.0.mlp.fc1", "encoder.layers.0.mlp.fc2"] or report.upscaled == [

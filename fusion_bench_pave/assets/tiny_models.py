@@ -11,12 +11,17 @@ import json
 import string
 from pathlib import Path
 
-from fusion_bench_pave.testing.tiny_tasks import IMAGE_SIZE, text_vocabulary
+from fusion_bench_pave.assets.tiny_tasks import IMAGE_SIZE, text_vocabulary
 
 HIDDEN = 32
 FFN = 64
 LAYERS = 2
 HEADS = 4
+# config fields of each architecture at these shapes (reference/tiny_models.py builds in-memory models from them)
+TOWER = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+T5_SHAPE = dict(d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS, num_decoder_layers=LAYERS,
+                num_heads=HEADS, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+DECODER_SHAPE = dict(TOWER, num_key_value_heads=HEADS // 2, tie_word_embeddings=False)
 
 
 def build_clip(out_dir: Path, seed: int) -> None:
@@ -35,11 +40,10 @@ def build_clip(out_dir: Path, seed: int) -> None:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    common = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, **common),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **common),
+                         pad_token_id=1, **TOWER),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **TOWER),
         projection_dim=HIDDEN,
     )
     torch.manual_seed(seed)
@@ -47,8 +51,8 @@ def build_clip(out_dir: Path, seed: int) -> None:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
 
 
-def _word_tokenizer(specials: dict[str, str]):
-    """A whitespace word-level fast tokenizer over the text tasks' vocabulary.
+def word_tokenizer(words: list[str], specials: dict[str, str]):
+    """A whitespace word-level fast tokenizer over ``words``.
 
     ``specials`` maps role (pad/eos/unk/bos) to token; they take the first ids in that order.
     """
@@ -56,7 +60,7 @@ def _word_tokenizer(specials: dict[str, str]):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(specials.values())}
-    for word in text_vocabulary():
+    for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -68,12 +72,8 @@ def build_t5(out_dir: Path, seed: int) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    tokenizer = _word_tokenizer({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS,
-        num_decoder_layers=LAYERS, num_heads=HEADS, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
+    tokenizer = word_tokenizer(text_vocabulary(), {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+    config = T5Config(vocab_size=len(tokenizer), **T5_SHAPE, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(seed)
     T5ForConditionalGeneration(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -84,14 +84,12 @@ def build_mistral(out_dir: Path, seed: int) -> None:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    tokenizer = _word_tokenizer(
-        {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
+    tokenizer = word_tokenizer(
+        text_vocabulary(), {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
     )
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS // 2, head_dim=HIDDEN // HEADS,
-        max_position_embeddings=64, sliding_window=None, tie_word_embeddings=False,
-        pad_token_id=0, eos_token_id=1, bos_token_id=3,
+        vocab_size=len(tokenizer), **DECODER_SHAPE, head_dim=HIDDEN // HEADS, max_position_embeddings=64,
+        sliding_window=None, pad_token_id=0, eos_token_id=1, bos_token_id=3,
     )
     torch.manual_seed(seed)
     MistralForCausalLM(config).save_pretrained(out_dir)

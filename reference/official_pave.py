@@ -1,4 +1,4 @@
-"""Baseline for the PAVE benchmarks: a re-implementation of the official procedure
+"""The PAVE baseline of the tests and benchmarks: a re-implementation of the official procedure
 (github ABgit111/purified_task_vector, ViT/src/rank_strategy.py and ViT/src/task_vectors.py),
 written from scratch and sharing no code with fusion_bench_pave.pave.
 

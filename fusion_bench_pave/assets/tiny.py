@@ -1,6 +1,7 @@
-"""Build, once, and cache the tiny offline zoos that the tests, the demo configs and users share.
+"""The tiny offline zoos (``modelpool=tiny_clip|tiny_t5|tiny_mistral``) that the demo configs, users
+and the tests share: a random two-layer model and three copies fine-tuned briefly on synthetic tasks.
 
-Layout of a zoo (``kind`` in clip | t5 | mistral)::
+Layout of a zoo (``kind`` in clip | t5 | mistral; registry names tiny_<kind>)::
 
     <cache>/tiny/<kind>-v<RECIPE>/
         pretrained/            full model + tokenizer/processor (CLIPModel for clip)
@@ -8,22 +9,27 @@ Layout of a zoo (``kind`` in clip | t5 | mistral)::
         data/<task>/{train,test}/   datasets.save_to_disk
         COMPLETE               written last
 
-A zoo is built in a temporary sibling directory and renamed into place, under a file lock, so
-concurrent runs (pytest workers, multirun jobs) never see a half-built zoo. The build runs with torch
-held to one thread: MKL's GEMMs give other bits at other thread counts on some CPUs (AMD EPYC), so a
-rebuild on one machine is bit-identical whatever the caller's thread count.
+CLIP: the vision tower is trained through FusionBench's zero-shot classifier (frozen text tower and
+projections). Text models: the whole model is trained on the label-word logits that
+LabelWordsTaskPool scores.
+
+The build runs with torch held to one thread: MKL's GEMMs give other bits at other thread counts on
+some CPUs (AMD EPYC), so a rebuild on one machine is bit-identical whatever the caller's thread count.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fusion_bench_pave.testing import tiny_models, tiny_tasks
+import torch
+from torch import nn
+
+from fusion_bench_pave.assets import tiny_models, tiny_tasks
+from fusion_bench_pave.assets.finetune import finetune_clip_vision, train_through_head
+from fusion_bench_pave.taskpool.label_words import label_logits, label_token_ids
 from fusion_bench_pave.threads import fixed_threads
-from fusion_bench_pave.zoo.store import build_once, cache_root
 
 RECIPE = 3
-KINDS = ("clip", "t5", "mistral")
 TRAIN_SIZE = {"clip": 128, "t5": 192, "mistral": 192}
 TEST_SIZE = 64
 STEPS = {"clip": 120, "t5": 60, "mistral": 60}
@@ -32,14 +38,6 @@ LR = {"clip": 1e-3, "t5": 3e-3, "mistral": 3e-3}
 
 def task_names(kind: str) -> list[str]:
     return list(tiny_tasks.IMAGE_TASKS if kind == "clip" else tiny_tasks.TEXT_TASKS)
-
-
-def ensure_tiny_zoo(kind: str, root: Path | None = None) -> Path:
-    """Return the directory of the tiny ``kind`` zoo, building it first if it is missing."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny zoo {kind!r}; choose one of {KINDS}")
-    target = (root or cache_root()) / "tiny" / f"{kind}-v{RECIPE}"
-    return build_once(target, lambda staging: _build(kind, staging), f"recipe {RECIPE}\n")
 
 
 def _save_dataset(examples: list[dict], path: Path, image: bool) -> None:
@@ -53,9 +51,8 @@ def _save_dataset(examples: list[dict], path: Path, image: bool) -> None:
 
 
 @fixed_threads(1)
-def _build(kind: str, out: Path) -> None:
-    import torch
-
+def build(out: Path, kind: str) -> None:
+    """Write the tiny ``kind`` zoo into ``out``."""
     torch.manual_seed(0)
     builder = {"clip": tiny_models.build_clip, "t5": tiny_models.build_t5, "mistral": tiny_models.build_mistral}
     builder[kind](out / "pretrained", seed=0)
@@ -72,15 +69,29 @@ def _build(kind: str, out: Path) -> None:
         _finetune(kind, out, task, train, seed)
 
 
-def _finetune(kind: str, out: Path, task: str, train: list[dict], seed: int) -> None:
-    from fusion_bench_pave.testing.finetune import finetune_clip_vision, finetune_label_words
+def finetune_label_words(model: nn.Module, tokenizer, examples: list[dict], label_words: list[str],
+                         steps: int, lr: float, seed: int) -> nn.Module:
+    """Train all of ``model`` in place (Adam, batch 32) to put the highest label-word logit on each
+    example's label."""
+    label_ids = label_token_ids(tokenizer, label_words)
+    enc = tokenizer([e["text"] for e in examples], return_tensors="pt", padding=True)
+    labels = torch.tensor([e["label"] for e in examples])
 
+    def logits(idx):
+        return label_logits(model, enc["input_ids"][idx], enc["attention_mask"][idx], label_ids)
+
+    return train_through_head(model, model.parameters(), logits, labels, steps, lr, seed, batch_size=32)
+
+
+def _finetune(kind: str, out: Path, task: str, train: list[dict], seed: int) -> None:
     pretrained = out / "pretrained"
     if kind == "clip":
         from transformers import CLIPModel, CLIPProcessor
 
+        clip_model, processor = CLIPModel.from_pretrained(pretrained), CLIPProcessor.from_pretrained(pretrained)
+        pixels = processor(images=[e["image"] for e in train], return_tensors="pt")["pixel_values"]
         model = finetune_clip_vision(
-            CLIPModel.from_pretrained(pretrained), CLIPProcessor.from_pretrained(pretrained), train,
+            clip_model, processor, pixels, torch.tensor([e["label"] for e in train]),
             tiny_tasks.IMAGE_TASKS[task], tiny_tasks.templates, STEPS[kind], LR[kind], seed,
         )
     else:

@@ -28,9 +28,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.zoo import image_tasks
-from fusion_bench_pave.zoo.clip_pretrain import pixel_values, pretrain_clip, render_digits
-from fusion_bench_pave.zoo.image_tasks import IMAGE_TASKS, SIZE, load_image_task
+from fusion_bench_pave.assets import image_tasks
+from fusion_bench_pave.assets.finetune import finetune_clip_vision
+from fusion_bench_pave.assets.clip_pretrain import pixel_values, pretrain_clip, render_digits
+from fusion_bench_pave.assets.image_tasks import IMAGE_TASKS, SIZE, load_image_task
 
 RECIPE = 3
 
@@ -170,32 +171,6 @@ def trains(name: str) -> bool:
     return ".self_attn." in name or ".mlp." in name
 
 
-def finetune_vision(clip_model, processor, images: np.ndarray, labels: np.ndarray, task: str, steps: int,
-                    lr: float, seed: int, batch_size: int = 32):
-    """Train the ``trains`` parameters of ``clip_model.vision_model`` in place through the frozen
-    zero-shot head of ``task`` (Adam, seeded batches); returns the vision model."""
-    from fusion_bench.models.hf_clip import HFCLIPClassifier
-
-    classifier = HFCLIPClassifier(clip_model, processor=processor)
-    classifier.set_classification_task(image_tasks.classnames(task), image_tasks.templates(task))
-    clip_model.requires_grad_(False)
-    params = [p for name, p in clip_model.vision_model.named_parameters() if trains(name)]
-    for p in params:
-        p.requires_grad_(True)
-    pixels, targets = pixel_values(images), torch.from_numpy(labels)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    clip_model.vision_model.train()
-    for _ in tqdm(range(steps), desc=f"fine-tune {task}", leave=False):
-        idx = torch.randint(0, len(targets), (batch_size,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(classifier(pixels[idx]), targets[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    clip_model.vision_model.eval()
-    return clip_model.vision_model
-
-
 def build(out: Path, recipe: Recipe | None = None) -> None:
     """Write the zoo into ``out``: pretrain the CLIP model, save the data splits, fine-tune per task."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -223,8 +198,11 @@ def build(out: Path, recipe: Recipe | None = None) -> None:
         splits = load_image_task(task, recipe.n_train, recipe.n_val, recipe.n_test, seed=recipe.seed)
         for split, (images, ys) in splits.items():
             save_split(images, ys, out / "data" / task / split)
-        vision = finetune_vision(CLIPModel.from_pretrained(out / "pretrained"), processor, *splits["train"], task,
-                                 recipe.finetune_steps, recipe.finetune_lr, seed=1000 * (i + 1))
+        images, labels = splits["train"]
+        vision = finetune_clip_vision(
+            CLIPModel.from_pretrained(out / "pretrained"), processor, pixel_values(images), torch.from_numpy(labels),
+            image_tasks.classnames(task), image_tasks.templates(task), recipe.finetune_steps, recipe.finetune_lr,
+            seed=1000 * (i + 1), trains=trains, desc=f"fine-tune {task}")
         vision.save_pretrained(out / "models" / task)
         info["zero_shot_val"][task] = zero_shot_accuracy(clip_model, processor, task, *splits["val"])
         info["finetuned_val"][task] = zero_shot_accuracy(clip_model, processor, task, *splits["val"], vision_model=vision)

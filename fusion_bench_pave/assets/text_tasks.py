@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from fusion_bench_pave.zoo.install import package_file
+from fusion_bench_pave.assets.install import package_file
 
 MAX_CHARS = 1000  # inputs are truncated to 128 tokens anyway; this bounds tokenizer work
 

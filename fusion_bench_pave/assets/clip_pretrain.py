@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.zoo.image_tasks import SIZE
+from fusion_bench_pave.assets.image_tasks import SIZE
 
 # CLIP's image normalisation (CLIPImageProcessor's defaults)
 MEAN = (0.48145466, 0.4578275, 0.40821073)

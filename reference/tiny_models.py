@@ -1,0 +1,91 @@
+"""Random models built in memory (no files, no hub) and perturbed "fine-tuned" copies of them.
+
+Defaults are tiny shapes (those of the tiny zoos, fusion_bench_pave.assets.tiny_models); any config
+field can be overridden, so the benchmarks build ViT-B/32 or Mistral-7B widths with the same
+factories. Each factory seeds torch's global RNG with ``seed`` right before constructing the model,
+which is where transformers draws the initial weights, and returns it in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+from fusion_bench_pave.assets.tiny_models import DECODER_SHAPE, T5_SHAPE, TOWER, word_tokenizer
+from fusion_bench_pave.assets.tiny_tasks import IMAGE_SIZE
+
+CLIP_VISION = dict(TOWER, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8)
+T5 = dict(T5_SHAPE, vocab_size=50, decoder_start_token_id=0, pad_token_id=0)
+DECODER = dict(DECODER_SHAPE, vocab_size=64)
+BERT = dict(TOWER, num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def clip_vision(seed: int = 0, **config) -> nn.Module:
+    """A ``CLIPVisionModel``, 32x32 images in 8x8 patches by default."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    return CLIPVisionModel(CLIPVisionConfig(**{**CLIP_VISION, **config})).eval()
+
+
+def t5(seed: int = 0, **config) -> nn.Module:
+    """A Flan-T5-style ``T5ForConditionalGeneration`` (gated-GELU feed-forward) by default."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(**{**T5, **config})).eval()
+
+
+def decoder(kind: str = "mistral", seed: int = 0, lm_head: bool = True, **config) -> nn.Module:
+    """A Mistral or Qwen2 decoder (grouped-query attention, gated MLP): ``*ForCausalLM``, or the bare
+    ``MistralModel`` / ``Qwen2Model`` without ``lm_head``."""
+    import transformers
+
+    name = {"mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    cls = getattr(transformers, f"{name}ForCausalLM" if lm_head else f"{name}Model")
+    torch.manual_seed(seed)
+    return cls(getattr(transformers, f"{name}Config")(**{**DECODER, **config})).eval()
+
+
+def bert(seed: int = 0, pooler: bool = True, **config) -> nn.Module:
+    """A ``BertModel`` (with its CLS pooler unless ``pooler=False``)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**{**BERT, **config}), add_pooling_layer=pooler).eval()
+
+
+def tokenizer(words: list[str] = WORDS):
+    """A word-level fast tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then ``words``."""
+    return word_tokenizer(words, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+@torch.no_grad()
+def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """A "fine-tuned" copy: every parameter plus seeded Gaussian noise of ``scale`` times its std."""
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    for p in clone.parameters():
+        noise = torch.randn(p.shape, generator=generator) * scale * (p.std() if p.numel() > 1 else 1)
+        p.add_(noise.to(p.dtype))
+    return clone
+
+
+@torch.no_grad()
+def noisy_copies(model: nn.Module, n: int, scale: float = 0.05, only: str = r".*", skip: str = r"(?!)",
+                 seed: int = 1) -> list[nn.Module]:
+    """``n`` "fine-tuned" copies: Gaussian noise of standard deviation ``scale`` (one generator for
+    all copies) added to the parameters whose names match ``only`` and not ``skip``."""
+    generator = torch.Generator().manual_seed(seed)
+    copies = []
+    for _ in range(n):
+        clone = copy.deepcopy(model)
+        for name, p in clone.named_parameters():
+            if re.search(only, name) and not re.search(skip, name):
+                p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        copies.append(clone)
+    return copies
