@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from pave_helpers import make_pool, word_tokenizer
+from pave_helpers import make_pool
+from reference.tiny_models import tokenizer as word_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessor
