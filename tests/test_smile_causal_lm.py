@@ -166,6 +166,20 @@ def test_algorithm_streams_from_causal_lm_pool_and_caches(tmp_path, mistral_fami
     assert torch.equal(logits(reused), logits(rebuilt))
 
 
+def test_in_memory_path_refuses_foreign_files_before_upscaling(tmp_path, mistral_family, monkeypatch):
+    from fusion_bench_pave.smile import algorithm
+
+    pre, fts, _ = mistral_family
+    out = tmp_path / "smile"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(algorithm, "upscale_causal_lm", lambda *a, **k: pytest.fail("upscaled before refusing"))
+    pool = BaseModelPool({"_pretrained_": copy.deepcopy(pre), **{f"ft{i}": copy.deepcopy(m) for i, m in enumerate(fts)}})
+    with pytest.raises(FileExistsError, match=r"smile holds files fusion_bench_pave did not write there .*notes\.txt"):
+        SmileMistralUpscalingAlgorithm(model_path=str(out), overwrite=True, **SMILE_KWARGS).run(pool)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_hub_ids_resolve_to_snapshots_and_stream(tmp_path, mistral_family, monkeypatch):
     from fusion_bench_pave.smile import algorithm
 

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fusion_bench_pave.arguments import check_argument_types, reject_unknown_keys
+from fusion_bench_pave.atomic import refuse_replacing_dir
 from fusion_bench_pave.smile.causal_lm.checkpoint import SafetensorsCheckpoint
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.io import atomic_output_dir, is_smile_checkpoint, load_smile_model, write_smile_files
@@ -200,6 +201,8 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
                 )
                 return AutoModelForCausalLM.from_pretrained(out).to(device).eval()
         log.info("pool entries are not all safetensors checkpoints; upscaling in memory")
+        if self.model_path is not None:
+            refuse_replacing_dir(self.model_path, self.overwrite)  # before the work, not after it
         model = upscale_causal_lm(models[0].to(device), [m.to(device) for m in models[1:]], smile)
         if self.model_path is not None:
             with atomic_output_dir(self.model_path, self.overwrite) as tmp:
