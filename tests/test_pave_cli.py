@@ -48,7 +48,10 @@ def test_cli_pave_ties_on_tiny_pools(tmp_path, kind):
         )
         ddp = report(ddp_dir)
         assert json.loads((ddp_dir / "pave_report.json").read_text())["ranks"] == pave["ranks"]
-        assert ddp["model"]["average"]["accuracy"] == result["model"]["average"]["accuracy"]
+        # Two processes sum each task's float64 Gram matrix in another order (half the batches each, then
+        # an all-reduce), so the purified float32 weights may differ in the last bit: logits agree to ~1e-6
+        # and at most an example sitting on a decision boundary flips (one of 3 tasks x 64 examples).
+        assert abs(ddp["model"]["average"]["accuracy"] - result["model"]["average"]["accuracy"]) <= 1 / (3 * 64) + 1e-12
         assert abs(ddp["model"]["average"]["loss"] - result["model"]["average"]["loss"]) < 1e-5
 
 
