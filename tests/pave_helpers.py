@@ -71,3 +71,21 @@ def make_pool(kind: str = "clip", tasks: int = 3, rows: int = 24, dtype: torch.d
     models = {"_pretrained_": base, **{n: perturbed(base, 100 + i) for i, n in enumerate(names)}}
     train = {n: data(200 + i) for i, n in enumerate(names)}
     return CalibrationPool(models, train, pre, data_kind)
+
+
+class OwnTaskArithmetic:
+    """A user's own task-vector merger (no FusionBench base class), declared as such."""
+
+    merges_task_vectors = True
+
+    def __init__(self, scaling_factor: float):
+        self.scaling_factor = scaling_factor
+
+    def run(self, modelpool):
+        from fusion_bench.method import TaskArithmeticAlgorithm
+
+        return TaskArithmeticAlgorithm(scaling_factor=self.scaling_factor).run(modelpool)
+
+
+class UndeclaredMerger(OwnTaskArithmetic):
+    merges_task_vectors = False

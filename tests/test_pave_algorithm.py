@@ -57,6 +57,14 @@ def test_rho_one_reproduces_task_arithmetic_bit_for_bit(kind):
     assert_state_dicts_equal(merged, oracle)
 
 
+def test_a_declared_user_merger_runs_after_pave_and_an_undeclared_one_is_refused():
+    own = {"_target_": "pave_helpers.OwnTaskArithmetic", "scaling_factor": 0.3}
+    merged = model_of(pave(own).run(make_pool("clip")))
+    assert_state_dicts_equal(merged, TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("clip")))
+    with pytest.raises(ValueError, match=r"UndeclaredMerger' is not a task-vector method.*merges_task_vectors = True"):
+        pave({**own, "_target_": "pave_helpers.UndeclaredMerger"}).run(make_pool("clip"))
+
+
 @pytest.mark.parametrize("kind", ["clip", "mistral"])
 def test_rho_one_reproduces_ties_bit_for_bit(kind):
     merged = model_of(pave(TIES).run(make_pool(kind)))

@@ -38,7 +38,8 @@ def check_merger(merger: Any) -> None:
             f"merger._target_={target!r} is not a task-vector method: PAVE hands the merger purified "
             "fine-tuned models whose differences from the pretrained model are the purified task vectors, "
             f"which only methods that merge W_ft - W_pre use as such. Use one of FusionBench's: "
-            f"{', '.join(sorted(TASK_VECTOR_METHODS))}"
+            f"{', '.join(sorted(TASK_VECTOR_METHODS))}; or, for your own task-vector class, set its "
+            "class attribute merges_task_vectors = True"
         )
 
 
@@ -57,7 +58,10 @@ TASK_VECTOR_METHODS = frozenset({
 
 
 def is_task_vector_method(merger_class: type) -> bool:
-    """A FusionBench class of TASK_VECTOR_METHODS, or a subclass of one."""
+    """A FusionBench class of TASK_VECTOR_METHODS or a subclass of one, or a class that declares
+    ``merges_task_vectors = True`` (a user's own method; we cannot tell from its code)."""
+    if getattr(merger_class, "merges_task_vectors", False) is True:
+        return True
     return any(
         c.__module__.startswith("fusion_bench.method.") and c.__name__ in TASK_VECTOR_METHODS
         for c in getattr(merger_class, "__mro__", ())
