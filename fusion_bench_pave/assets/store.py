@@ -34,8 +34,9 @@ def locked(path: Path) -> Iterator[None]:
 
 def build_once(target: Path, build: Callable[[Path], None], stamp: str) -> Path:
     """Return ``target``, first running ``build(staging_dir)`` and renaming the result to ``target``
-    if ``target/COMPLETE`` is missing. ``stamp`` is written to ``COMPLETE`` last; an incomplete
-    leftover at ``target`` (from an older layout or a killed build) is replaced."""
+    if ``target/COMPLETE`` is missing. ``stamp`` is written to ``COMPLETE`` last. A killed build leaves
+    only its staging directory; an incomplete directory at ``target`` is replaced if it holds only files
+    we wrote (its manifest says so), else refused with the foreign files named (see ``atomic``)."""
     if (target / COMPLETE).exists():
         return target
     with locked(target.parent / f".{target.name}.lock"):
