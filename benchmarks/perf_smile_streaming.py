@@ -151,7 +151,7 @@ def speed(args: argparse.Namespace) -> list[dict]:
     model, our SMILE model and FusionBench's SmileMoELinear model, side by side: every repeat times
     the three forwards in rotated order, medians per model, for each torch thread count (process CPU
     time with 1 thread, wall time with more)."""
-    import fusion_bench_pave  # noqa: F401  (compat shim)
+    import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
     from fusion_bench.method import SmileUpscalingAlgorithm as FusionBenchSmile
     from fusion_bench.modelpool import BaseModelPool
     from fusion_bench_pave.smile.upscale import upscale_model

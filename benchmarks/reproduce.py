@@ -55,7 +55,7 @@ BASELINES = [
 
 def compose(overrides: list[str]):
     """FusionBench's main config composed as its CLI composes it (our plugin on the search path)."""
-    import fusion_bench_pave  # noqa: F401  (registers the resolvers and the compat shim)
+    import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

@@ -23,7 +23,7 @@ from datasets import Dataset
 from hydra.errors import MissingConfigException
 from torch import nn
 
-import fusion_bench_pave  # noqa: F401  (transformers compat shim)
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils import instantiate
 from fusion_bench_pave.pave import PAVE

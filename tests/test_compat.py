@@ -13,7 +13,7 @@ from fusion_bench_pave.compat import patch_transformers_for_fusion_bench
 
 
 def test_alias_present_after_import_and_patch_is_idempotent():
-    import fusion_bench_pave  # noqa: F401  (applies the patch)
+    import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 
     assert hasattr(modeling_clip, "CLIPVisionTransformer")
     assert patch_transformers_for_fusion_bench() is False  # already there: nothing to do
@@ -22,7 +22,7 @@ def test_alias_present_after_import_and_patch_is_idempotent():
 
 
 def test_clip_taskpool_imports_in_a_fresh_interpreter():
-    code = "import fusion_bench_pave; from fusion_bench.taskpool import CLIPVisionModelTaskPool; print('ok')"
+    code = "import fusion_bench_pave.plugin; from fusion_bench.taskpool import CLIPVisionModelTaskPool; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")

@@ -13,7 +13,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from pave_helpers import make_pool
 from torch import nn
 
-import fusion_bench_pave  # noqa: F401  (transformers compat shim)
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.method.dare import DareTiesMerging
 from fusion_bench.method.emr_merging import EMRMerging

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessor
 
-import fusion_bench_pave  # noqa: F401  (transformers compat shim)
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import cache as pave_cache
 from fusion_bench_pave.pave.calibration import preprocessor_fingerprint

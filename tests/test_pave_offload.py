@@ -13,7 +13,7 @@ from pave_helpers import make_pool
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fusion_bench_pave  # noqa: F401  (transformers compat shim)
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench_pave.atomic import atomic_file
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import algorithm as pave_algorithm

@@ -52,7 +52,7 @@ def test_cli_help_lists_our_config_groups(tmp_path):
 def test_importing_the_plugin_registers_smile_causal_lms_in_a_fresh_interpreter():
     # fusion_bench imports the plugin; a pool pointing at a saved SMILE model then loads it by Auto class
     code = (
-        "import fusion_bench_pave\n"
+        "import fusion_bench_pave.plugin\n"
         "from transformers import AutoConfig, AutoModelForCausalLM\n"
         "for t in ('smile_mistral', 'smile_llama', 'smile_qwen2'):\n"
         "    config = AutoConfig.for_model(t, vocab_size=32, hidden_size=16, intermediate_size=32,\n"

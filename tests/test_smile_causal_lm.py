@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import fusion_bench_pave  # noqa: F401
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench.modelpool import BaseModelPool, CausalLMPool
 from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm

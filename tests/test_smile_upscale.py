@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import fusion_bench_pave  # noqa: F401  (transformers-5 compat for fusion_bench)
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench_pave.atomic import MANIFEST
 from fusion_bench_pave.smile import SmileLinear, upscale_model

@@ -11,6 +11,14 @@ Usage: ``fusion_bench method=pave_ties modelpool=... taskpool=...`` (also pave_t
 pave_emr), or ``PAVE(merger={...}, rho=...).run(modelpool)``.
 """
 
-from fusion_bench_pave.pave.algorithm import PAVE
-
 __all__ = ["PAVE"]
+
+
+def __getattr__(name: str):
+    # The algorithm (FusionBench, Lightning, matplotlib) loads on first use of ``pave.PAVE``, so the
+    # math modules of this package import with torch alone.
+    if name == "PAVE":
+        from fusion_bench_pave.pave.algorithm import PAVE
+
+        return PAVE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

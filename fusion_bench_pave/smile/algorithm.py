@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from fusion_bench_pave import plugin  # noqa: F401,I001  (compat repair before fusion_bench imports)
 from fusion_bench import BaseAlgorithm
 from fusion_bench.mixins import auto_register_config
 from fusion_bench.modelpool import BaseModelPool

@@ -8,6 +8,6 @@ class FusionBenchPaveSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         # Hydra calls this before composing any config: importing the package repairs
         # fusion_bench's transformers-5 import and registers the resolvers our yaml uses.
-        import fusion_bench_pave  # noqa: F401
+        import fusion_bench_pave.plugin  # noqa: F401
 
         search_path.append(provider="fusion-bench-pave", path="pkg://fusion_bench_pave.config")

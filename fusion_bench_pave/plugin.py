@@ -1,0 +1,17 @@
+"""Everything this package changes in the process, in one place: the transformers-5 repair of
+fusion_bench 0.2.33's imports, the OmegaConf resolvers our yaml uses, and the registration of
+Smile{Mistral,Llama,Qwen2}ForCausalLM with transformers' Auto classes.
+
+Imported by the Hydra search-path plugin (so every ``fusion_bench`` run has it before any config is
+composed) and by our FusionBench-facing modules (algorithms, pools, task pools). The math modules
+do not import it, so they load with torch alone. In a plain Python process that loads a saved SMILE
+causal LM with ``AutoModelForCausalLM``, ``import fusion_bench_pave.plugin`` first.
+"""
+
+from fusion_bench_pave.compat import patch_transformers_for_fusion_bench
+from fusion_bench_pave.resolvers import register_resolvers
+
+patch_transformers_for_fusion_bench()
+register_resolvers()
+
+from fusion_bench_pave.smile import causal_lm  # noqa: E402,F401  (registers the Auto classes)
