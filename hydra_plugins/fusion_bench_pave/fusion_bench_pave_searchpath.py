@@ -6,7 +6,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 class FusionBenchPaveSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        # Hydra calls this before composing any config: importing the package repairs
+        # Hydra calls this before composing any config: fusion_bench_pave.plugin repairs
         # fusion_bench's transformers-5 import and registers the resolvers our yaml uses.
         import fusion_bench_pave.plugin  # noqa: F401
 
