@@ -44,8 +44,9 @@ def inverse_check(low: Tensor, tol: float, probes: int = PROBES, seed: int = 0) 
     inv = torch.linalg.inv(low)
     if not torch.isfinite(inv).all():
         return False
-    generator = torch.Generator(device=low.device).manual_seed(seed)
-    z = torch.randn(low.shape[0], probes, generator=generator, dtype=low.dtype, device=low.device)
+    # probes drawn on the CPU, so every device sees the same Z for the same covariance
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(low.shape[0], probes, generator=generator, dtype=low.dtype).to(low.device)
     estimate = float(torch.linalg.matrix_norm(inv @ (low @ z) - z)) / probes**0.5
     if estimate < tol / GUARD:
         return True
