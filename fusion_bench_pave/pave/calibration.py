@@ -8,7 +8,6 @@ only real tokens of the shifted sequence.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -18,6 +17,8 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from transformers import AutoTokenizer
+
+from fusion_bench_pave.pave.cache import cache_key
 
 IMAGE_COLUMNS = ("image", "img")
 TEXT_COLUMNS = ("text", "sentence", "content")
@@ -93,8 +94,7 @@ def preprocessor_fingerprint(preprocessor: Any) -> Optional[str]:
         content["image_processor"] = type(getattr(preprocessor, "image_processor", None)).__qualname__
     else:
         return None
-    blob = json.dumps(content, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return cache_key(content)
 
 
 def encoder_decoder_inputs(model: nn.Module, input_ids: Tensor) -> Optional[Tensor]:
