@@ -23,14 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from fusion_bench_pave.pave.covariance import add_gram_, collect_covariance, symmetrize_
+from fusion_bench_pave.pave.purification import PurifySettings
 from fusion_bench_pave.pave.purify import context_eigh, purify_weight, remove_subspace
 from fusion_bench_pave.pave.regularize import regularize
 from fusion_bench_pave.smile.decompose import smile_tensors
 from fusion_bench_pave.smile.linear import SmileLinear
 
 RHO = 63 / 64  # kept fraction of the rank in the purification timings
-# PAVE's defaults (config/method/pave.yaml): doubling rule from eps0 until the inverse check passes
-REG = {"rule": "doubling", "eps0": 0.1, "tol": 0.05, "alpha": 1e-3}
+# PAVE's defaults: doubling rule from eps0 until the inverse check passes
+REG = PurifySettings()
 
 # Tolerances (relative Frobenius error against CPU float64):
 # - covariance: both sides sum the same float64 products of the same float32 inputs; only the
@@ -134,8 +135,8 @@ def check_purification(device: torch.device, small: bool) -> list[dict]:
         g = torch.Generator().manual_seed(10 + i)
         weight = torch.randn(out, inp, generator=g) / inp**0.5
         cov = random_cov(2 * inp, inp, torch.device("cpu"), seed=20 + i)
-        cov_eps_cpu, eps_cpu = regularize(cov, REG["rule"], REG["eps0"], REG["tol"], REG["alpha"])
-        cov_eps, eps = regularize(cov.to(device), REG["rule"], REG["eps0"], REG["tol"], REG["alpha"])
+        cov_eps_cpu, eps_cpu = regularize(cov, REG.regularization, REG.eps0, REG.eps_tol, REG.relative_alpha)
+        cov_eps, eps = regularize(cov.to(device), REG.regularization, REG.eps0, REG.eps_tol, REG.relative_alpha)
         rank = rank_at(0.5, weight)  # a mid rank: a generic gap, many components dropped
         reference = reference_purified(weight, cov_eps_cpu, rank)
         w = weight.to(device)
@@ -249,7 +250,7 @@ def purification_timings(shapes: list[tuple[int, int]], label: str, device: torc
         rank = rank_at(RHO, weight)
 
         def run() -> None:
-            cov_eps, _ = regularize(cov, REG["rule"], REG["eps0"], REG["tol"], REG["alpha"])
+            cov_eps, _ = regularize(cov, REG.regularization, REG.eps0, REG.eps_tol, REG.relative_alpha)
             u, _ = context_eigh(weight, cov_eps)
             remove_subspace(weight, u[:, rank:])
 
@@ -261,7 +262,7 @@ def purification_timings(shapes: list[tuple[int, int]], label: str, device: torc
         shape = f"{label} {out}x{inp} r={rank}"
         results.append({"step": "purify (reg+eigh+proj)", "shape": shape, "seconds": timed(run, device, repeats=2), "floor_seconds": t_floor})
         if svd:
-            cov_eps, _ = regularize(cov, REG["rule"], REG["eps0"], REG["tol"], REG["alpha"])
+            cov_eps, _ = regularize(cov, REG.regularization, REG.eps0, REG.eps_tol, REG.relative_alpha)
             results.append({"step": "purify_weight (svd, info)", "shape": shape,
                             "seconds": timed(lambda: purify_weight(weight, cov_eps, rank), device, repeats=1),
                             "floor_seconds": t_floor})
@@ -311,9 +312,29 @@ def time_smile(device: torch.device, small: bool) -> list[dict]:
 
 
 def pave_end_to_end(device: torch.device, small: bool) -> list[dict]:
-    """PAVE has no device option (algorithm.py places nothing on a device; models stay where the
-    pool loads them, on the CPU), so an end-to-end CUDA run would not exercise the GPU."""
-    return [{"step": "PAVE end to end", "shape": "-", "skipped": "PAVE has no device option; not run"}]
+    """PAVE + TA on the tests' tiny CLIP pool with its Fabric on `device` (statistics collected there,
+    purified on the CPU) against the same run on the CPU: same ranks, merged weights within the
+    purification tolerance (the covariance sums differ only in summation order)."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root), str(root / "tests")]  # reference/ and the tests' tiny pools
+    from lightning import Fabric
+    from pave_helpers import make_pool
+
+    from fusion_bench_pave.pave import PAVE
+
+    runs = {}
+    for where in ("cpu", device.type):
+        algorithm = PAVE(merger={"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3},
+                         rho=0.75, num_samples=12, batch_size=4, eps0=0.01)
+        algorithm.fabric = Fabric(accelerator=where, devices=1)
+        start = time.perf_counter()
+        result = algorithm.run(make_pool("clip"))
+        runs[where] = (result["model"].state_dict(), algorithm.extras["ranks"], time.perf_counter() - start)
+    (cpu, cpu_ranks, _), (dev, dev_ranks, seconds) = runs["cpu"], runs[device.type]
+    error = max(rel_err(dev[key], value) for key, value in cpu.items() if value.is_floating_point())
+    same_ranks = dev_ranks == cpu_ranks
+    return [{"step": "PAVE end to end (tiny CLIP, TA)", "shape": "-", "error": error if same_ranks else math.inf,
+             "tolerance": TOL["purification"], "seconds": seconds, "ranks_equal": same_ranks}]
 
 
 STEPS: dict[str, Callable[[torch.device, bool], list[dict]]] = {

@@ -3,7 +3,7 @@
 A CLIPVisionModel at ViT-B/32 widths (d 768, MLP 3072, 12 layers, random weights) and T seeded
 fine-tuned copies, each task with N seeded token rows (reference/pave_comparison.py's builders). Each run is a fresh
 subprocess (peak RSS = its ru_maxrss) doing what PAVE.run does between loading and merging:
-collect each task's statistics, hand them to CovarianceOffload(mode), then PAVE.purify_. Runs
+collect each task's statistics, hand them to CovarianceOffload(mode), then purification.purify (written back in place, as PAVE.run does). Runs
 alternate memory/disk per repeat so machine load hits both alike. Each run also reports a content
 hash of all purified weights and of the kept ranks, which must agree between the modes.
 
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.perf_pave import REPO_ROOT, SETTINGS
-from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave.models import LinearWeights
+from fusion_bench_pave.pave.purification import PurifySettings, purify
 from fusion_bench_pave.pave.cache import fingerprint_state_dict
 from fusion_bench_pave.pave.covariance import collect_covariance
 from fusion_bench_pave.pave.offload import CovarianceOffload, stats_bytes
@@ -48,14 +49,12 @@ def child(args: dict) -> dict:
     setting = args["setting"]
     _, finetuned, batches = build(setting)
     base_mb = psutil.Process().memory_info().rss / 2**20
-    algo = PAVE(merger={}, rho=args["rho"], allocation=args["allocation"], eps0=setting["eps0"],
-                num_rows=setting["rows"], exclude_modules=[])
+    settings = PurifySettings(rho=args["rho"], allocation=args["allocation"], eps0=setting["eps0"])
     start = time.perf_counter()
     with CovarianceOffload(args["mode"], len(finetuned)) as offload:
         stats = {}
         for task, model in finetuned.items():
-            collected = collect_covariance(model, ((b, None) for b in batches[task]), algo._include,
-                                           max_rows=setting["rows"])
+            collected = collect_covariance(model, ((b, None) for b in batches[task]), max_rows=setting["rows"])
             task_mb = stats_bytes(collected) / 2**20
             stats[task] = offload.keep(collected)
             del collected
@@ -63,7 +62,8 @@ def child(args: dict) -> dict:
         collection_peak_mb = peak_mb()
         held_mb = psutil.Process().memory_info().rss / 2**20
         start = time.perf_counter()
-        ranks, _ = algo.purify_(finetuned, stats)
+        weights = {task: LinearWeights(model) for task, model in finetuned.items()}
+        _, ranks, _ = purify(weights, stats, settings, write=lambda t, layer, w: weights[t].write(layer, w))
         purification_s = time.perf_counter() - start
         on_disk = offload.on_disk
     weights = {f"{t}/{l}": m.get_submodule(l).weight for t, m in finetuned.items() for l in ranks[t]}

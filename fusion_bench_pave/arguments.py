@@ -63,13 +63,18 @@ def matches(value: Any, kind: type) -> bool:
     return isinstance(value, numbers.Integral if kind is int else numbers.Real)
 
 
-def check_argument_types(algorithm: Any) -> None:
-    """TypeError naming the first boolean/integer/number argument of ``algorithm``'s constructor
-    whose current value has another type (e.g. the string 'abc' for ``rho``)."""
-    hints = typing.get_type_hints(type(algorithm).__init__)
-    for key in constructor_keys(type(algorithm)):
+def constructor_arguments(algorithm: Any) -> dict[str, Any]:
+    """{key: current value} of every constructor argument of ``algorithm`` (FusionBench's
+    ``auto_register_config`` keeps each as an attribute of the same name)."""
+    return {key: getattr(algorithm, key, None) for key in constructor_keys(type(algorithm))}
+
+
+def check_argument_types(cls: type, arguments: Mapping[str, Any]) -> None:
+    """TypeError naming the first boolean/integer/number argument of ``cls``'s constructor whose
+    value in ``arguments`` has another type (e.g. the string 'abc' for ``rho``)."""
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in arguments.items():
         kind, optional = expected_type(hints.get(key))
-        value = getattr(algorithm, key, None)
         if kind is None or (value is None and optional) or matches(value, kind):
             continue
         allowed = NUMERIC[kind] + (" or null" if optional else "")

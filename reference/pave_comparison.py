@@ -14,7 +14,9 @@ import copy
 import torch
 from torch import nn
 
-from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave.models import LinearWeights
+from fusion_bench_pave.pave.purification import PurifySettings, purify
+from fusion_bench_pave.pave.task_statistics import CollectionSettings
 from fusion_bench_pave.pave.covariance import collect_covariance
 from reference import tiny_models
 from reference.official_pave import official_pave
@@ -67,16 +69,17 @@ def build(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, lis
 
 
 def run_ours(finetuned: dict[str, nn.Module], batches: dict[str, list[dict]], setting: dict, rho: float = RHO) -> Purified:
-    """fusion_bench_pave's path: streaming covariance per task, then PAVE.purify_ (in place)."""
-    algo = PAVE(merger={}, rho=rho, allocation="per_model", eps0=setting["eps0"], num_rows=setting["rows"],
-                exclude_modules=excluded(setting))
+    """fusion_bench_pave's path: streaming covariance per task, then purification.purify written
+    back into the models layer by layer (in place, as PAVE.run does)."""
+    includes = CollectionSettings(num_rows=setting["rows"], exclude=tuple(excluded(setting))).includes
     stats = {
-        task: collect_covariance(model, ((b, None) for b in batches[task]), algo._include, max_rows=setting["rows"])
+        task: collect_covariance(model, ((b, None) for b in batches[task]), includes, max_rows=setting["rows"])
         for task, model in finetuned.items()
     }
-    ranks, _ = algo.purify_(finetuned, stats)
-    weights = {t: {l: m.get_submodule(l).weight.data for l in ranks[t]} for t, m in finetuned.items()}
-    return weights, ranks
+    settings = PurifySettings(rho=rho, allocation="per_model", eps0=setting["eps0"])
+    linears = {t: LinearWeights(m) for t, m in finetuned.items()}
+    _, ranks, _ = purify(linears, stats, settings, write=lambda t, layer, w: linears[t].write(layer, w))
+    return {t: {l: linears[t][l] for l in ranks[t]} for t in finetuned}, ranks
 
 
 @torch.no_grad()

@@ -89,3 +89,19 @@ class OwnTaskArithmetic:
 
 class UndeclaredMerger(OwnTaskArithmetic):
     merges_task_vectors = False
+
+
+class PoolRecordingMerger(OwnTaskArithmetic):
+    """OwnTaskArithmetic that records what the pool it was handed offers besides the models."""
+
+    seen: dict = {}
+
+    def run(self, modelpool):
+        PoolRecordingMerger.seen = {
+            "type": type(modelpool),
+            "train": {task: modelpool.load_train_dataset(task)["text" if modelpool.kind == "text" else "image"][:2]
+                      for task in modelpool.model_names},
+            "preprocessor": modelpool.load_processor(),
+            "models": {name: modelpool.load_model(name) for name in modelpool.all_model_names},
+        }
+        return super().run(modelpool)

@@ -10,15 +10,16 @@ import pytest
 import torch
 from lightning import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
-from pave_helpers import make_pool
+from pave_helpers import PoolRecordingMerger, make_pool
 from torch import nn
 
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
+from fusion_bench import BaseModelPool
 from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.method.dare import DareTiesMerging
 from fusion_bench.method.emr_merging import EMRMerging
 from fusion_bench_pave.pave import PAVE
-from fusion_bench_pave.pave import algorithm as pave_algorithm
+from fusion_bench_pave.pave import task_statistics
 from fusion_bench_pave.pave import cache as pave_cache
 from fusion_bench_pave.pave.purify import purify_weight
 from fusion_bench_pave.pave.regularize import regularize_doubling
@@ -65,6 +66,25 @@ def test_a_declared_user_merger_runs_after_pave_and_an_undeclared_one_is_refused
         pave({**own, "_target_": "pave_helpers.UndeclaredMerger"}).run(make_pool("clip"))
 
 
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_the_merger_gets_the_users_pool_with_the_purified_models(kind):
+    """Data-dependent mergers need the pool's datasets and preprocessor: the nested merger gets the
+    user's pool (its class, same train splits, same preprocessor) holding the purified models; the
+    CLI test on the tiny Mistral pool covers a pool class whose load_model only instantiates configs."""
+    pool = make_pool(kind)
+    merged = model_of(pave({"_target_": "pave_helpers.PoolRecordingMerger", "scaling_factor": 0.3}, rho=0.75).run(pool))
+    seen = PoolRecordingMerger.seen
+    assert issubclass(seen["type"], type(pool)) and seen["preprocessor"] is pool.load_processor()
+    column = "image" if kind == "clip" else "text"
+    assert seen["train"] == {t: pool.load_train_dataset(t)[column][:2] for t in pool.model_names}
+    assert sorted(seen["models"]) == ["_pretrained_", "task0", "task1", "task2"]
+    original = pool.load_model("task0").state_dict()  # the user's pool still holds its own models
+    purified = seen["models"]["task0"].state_dict()
+    assert any(not torch.equal(purified[k], original[k]) for k in original)
+    assert_state_dicts_equal(merged, TaskArithmeticAlgorithm(scaling_factor=0.3).run(
+        BaseModelPool(dict(seen["models"]))))
+
+
 @pytest.mark.parametrize("kind", ["clip", "mistral"])
 def test_rho_one_reproduces_ties_bit_for_bit(kind):
     merged = model_of(pave(TIES).run(make_pool(kind)))
@@ -78,11 +98,12 @@ def test_rho_one_reproduces_emr():
     assert_state_dicts_equal(merged, oracle)
 
 
-@pytest.mark.parametrize("linear_only", [False, True])
-def test_rho_one_dare_ties_matches_fusion_bench_dare_ties(linear_only):
+@pytest.mark.parametrize("kind, linear_only", [("clip", False), ("clip", True), ("t5", True)])
+def test_rho_one_dare_ties_matches_fusion_bench_dare_ties(kind, linear_only):
+    """t5 ties lm_head to the shared embedding: its Linear-only drop hits the tied tensor once."""
     dare = {"sparsity_ratio": 0.4, "rescale": True, "only_on_linear_weights": linear_only}
-    merged = model_of(pave({**TIES, "scaling_factor": 0.5}, dare=dare, seed=7).run(make_pool("clip")))
-    pool = make_pool("clip")  # builds models with its own seeds, so seed afterwards
+    merged = model_of(pave({**TIES, "scaling_factor": 0.5}, dare=dare, seed=7).run(make_pool(kind)))
+    pool = make_pool(kind)  # builds models with its own seeds, so seed afterwards
     torch.manual_seed(7)
     oracle = DareTiesMerging(
         sparsity_ratio=0.4, only_on_linear_weights=linear_only, rescale=True, scaling_factor=0.5,
@@ -179,7 +200,7 @@ def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch
     def no_collection(*args, **kwargs):
         raise AssertionError("covariance recollected despite a cache hit")
 
-    monkeypatch.setattr(pave_algorithm, "collect_covariance", no_collection)
+    monkeypatch.setattr(task_statistics, "collect_covariance", no_collection)
     algo = pave(TIES, rho=0.8, cache_dir=str(tmp_path))
     second = algo.run(make_pool("clip"))
     assert second["pave"]["covariance_cache_hits"] == 3

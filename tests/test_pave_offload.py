@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench_pave.atomic import atomic_file
 from fusion_bench_pave.pave import PAVE
-from fusion_bench_pave.pave import algorithm as pave_algorithm
+from fusion_bench_pave.pave import purification
 from fusion_bench_pave.pave.cache import CovarianceCache, cache_key, canonical
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.offload import SPILL_PREFIX, CovarianceOffload, goes_to_disk
@@ -225,7 +225,7 @@ def test_spill_directory_is_removed_after_an_error_in_purification(spill_root, m
         spilled.extend(spill_root.glob(f"{SPILL_PREFIX}*/*"))
         raise RuntimeError("eigh failed")
 
-    monkeypatch.setattr(pave_algorithm, "context_eigh", failing_eigh)
+    monkeypatch.setattr(purification, "context_eigh", failing_eigh)
     with pytest.raises(RuntimeError, match="eigh failed"):
         pave(covariance_offload="disk").run(make_pool("clip"))
     assert len(spilled) == 3 and all(p.suffix == ".safetensors" for p in spilled)

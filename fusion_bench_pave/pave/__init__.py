@@ -1,11 +1,12 @@
 """PAVE: purifying task vectors in a knowledge-aware subspace (arXiv 2510.14697).
 
-Pure math (torch only):  covariance.py (streaming X^T X hooks), regularize.py (C + eps I),
-purify.py (context SVD, projection U_r U_r^T W), rank_allocation.py (spectral rank allocation),
-stats_file.py (statistics as safetensors, read one tensor at a time), cache.py (atomic on-disk
-covariance cache), offload.py (statistics in memory or on disk until purification). FusionBench
-glue: calibration.py (train split -> model inputs), algorithm.py (the `PAVE` algorithm), plot.py
-(rank heatmap).
+Pure math (torch only): covariance.py (streaming X^T X hooks over calibration batches),
+regularize.py (C + eps I), purify.py (context SVD, projection U_r U_r^T W of one layer),
+rank_allocation.py (spectral rank allocation), purification.py (a pool's {task: {layer: W}} ->
+purified weights and ranks, layer by layer). Around it: task_statistics.py (each task's statistics:
+cache, DDP shards, checks), models.py (Linear weights of nn.Modules, compatibility checks, DARE),
+stats_file.py, cache.py, offload.py (statistics on disk or in memory), calibration.py (train split ->
+model inputs), report.py, plot.py, and algorithm.py (the `PAVE` FusionBench class).
 
 Usage: ``fusion_bench method=pave_ties modelpool=... taskpool=...`` (also pave_ta, pave_dare_ties,
 pave_emr), or ``PAVE(merger={...}, rho=...).run(modelpool)``.

@@ -12,6 +12,7 @@ from fusion_bench_pave.arguments import check_argument_types
 from fusion_bench_pave.pave.offload import Offload
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
+from fusion_bench_pave.pave.task_statistics import DTYPES
 
 
 def check_merger(merger: Any) -> None:
@@ -68,31 +69,31 @@ def is_task_vector_method(merger_class: type) -> bool:
     )
 
 
-def check_hyperparameters(algorithm: Any, dtypes: Mapping[str, Any]) -> None:
-    """Types, ranges and choices of a ``PAVE`` instance's settings, and its merger."""
-    check_argument_types(algorithm)
-    if not 0 < algorithm.rho <= 1:
-        raise ValueError(f"rho must be in (0, 1], got {algorithm.rho}; rho=1 keeps every component.")
+def check_hyperparameters(cls: type, arguments: Mapping[str, Any]) -> None:
+    """Types, ranges and choices of PAVE's constructor ``arguments`` (``cls`` gives the types), and its merger."""
+    check_argument_types(cls, arguments)
+    if not 0 < arguments["rho"] <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {arguments['rho']}; rho=1 keeps every component.")
     for name in ("num_samples", "batch_size", "max_length"):
-        if getattr(algorithm, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(algorithm, name)}")
-    if algorithm.num_rows is not None and algorithm.num_rows < 1:
-        raise ValueError(f"num_rows must be >= 1 or null, got {algorithm.num_rows}")
+        if arguments[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {arguments[name]}")
+    if arguments["num_rows"] is not None and arguments["num_rows"] < 1:
+        raise ValueError(f"num_rows must be >= 1 or null, got {arguments['num_rows']}")
     for name in ("eps0", "eps_tol", "relative_alpha"):
-        if not getattr(algorithm, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(algorithm, name)}")
+        if not arguments[name] > 0:
+            raise ValueError(f"{name} must be > 0, got {arguments[name]}")
     choices = {
         "allocation": get_args(Allocation),
         "regularization": get_args(Regularization),
-        "accumulate_dtype": tuple(dtypes),
+        "accumulate_dtype": tuple(DTYPES),
         "covariance_offload": get_args(Offload),
     }
     for name, allowed in choices.items():
-        if getattr(algorithm, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(algorithm, name)!r}")
-    if algorithm.dare:
-        check_dare(algorithm.dare)
-    check_merger(algorithm.merger)
+        if arguments[name] not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {arguments[name]!r}")
+    if arguments["dare"]:
+        check_dare(arguments["dare"])
+    check_merger(arguments["merger"])
 
 
 DARE_KEYS = {"sparsity_ratio": "a number in [0, 1)", "rescale": "true or false", "only_on_linear_weights": "true or false"}

@@ -62,6 +62,13 @@ class CovarianceStats:
         key = self.input_of[layer]
         return self.xtx[key] / self.count[key]
 
+    def to(self, device: torch.device | str) -> "CovarianceStats":
+        """The statistics with every sum on `device` (self if they are all there already)."""
+        if all(xtx.device == torch.device(device) for xtx in self.xtx.values()):
+            return self
+        xtx = {k: v.to(device) for k, v in self.xtx.items()}
+        return CovarianceStats(xtx=xtx, count=dict(self.count), input_of=dict(self.input_of))
+
     def all_reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> "CovarianceStats":
         """Sum the statistics over processes with `reduce_sum` (e.g. a gloo all-reduce)."""
         keys = sorted(self.xtx)

@@ -17,7 +17,7 @@ from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from fusion_bench_pave.arguments import check_argument_types, reject_unknown_keys
+from fusion_bench_pave.arguments import check_argument_types, constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.atomic import refuse_replacing_dir
 from fusion_bench_pave.smile.causal_lm.checkpoint import SafetensorsCheckpoint
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
@@ -73,7 +73,7 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, nn.Module]) -> nn.Module:
-        check_argument_types(self)
+        check_argument_types(type(self), constructor_arguments(self))
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         device = resolve_device(self.device)
@@ -172,7 +172,7 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | dict[str, PreTrainedModel]) -> PreTrainedModel:
-        check_argument_types(self)
+        check_argument_types(type(self), constructor_arguments(self))
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         check_taskpool_fits(self._program, modelpool, LANGUAGE_MODEL)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench_pave.smile.svd import SvdMethod, top_svd
+from fusion_bench_pave.tensor_checks import first_nonfinite, first_shape_mismatch, shape_of
 
 
 def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None, bs: Sequence[Tensor | None], gate_k: int, k: int) -> None:
@@ -20,18 +21,16 @@ def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor |
         raise ValueError(f"{name}: no fine-tuned models given (T=0); SMILE needs at least one expert")
     if w0.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D linear weight, got shape {tuple(w0.shape)}")
-    for i, w in enumerate(ws):
-        if w.shape != w0.shape:
-            raise ValueError(f"{name}: fine-tuned model {i} has weight shape {tuple(w.shape)}, pretrained has {tuple(w0.shape)}")
     if len(bs) != len(ws):
         raise ValueError(f"{name}: got {len(ws)} fine-tuned weights but {len(bs)} biases")
-    for i, b in enumerate(bs):
-        if (b is None) != (b0 is None) or (b is not None and b.shape != b0.shape):
-            shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
-            raise ValueError(f"{name}: fine-tuned model {i} has bias shape {shape(b)}, pretrained has {shape(b0)}")
+    reference = {"weight": w0, "bias": b0}
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        if (key := first_shape_mismatch(reference, {"weight": w, "bias": b})) is not None:
+            mine = w if key == "weight" else b
+            raise ValueError(f"{name}: fine-tuned model {i} has {key} shape {shape_of(mine)}, pretrained has {shape_of(reference[key])}")
     tensors = [("pretrained", w0, b0), *((f"fine-tuned model {i}", w, b) for i, (w, b) in enumerate(zip(ws, bs)))]
     for label, w, b in tensors:
-        if any(t is not None and t.is_floating_point() and not torch.isfinite(t).all() for t in (w, b)):
+        if first_nonfinite({"weight": w, "bias": b}) is not None:
             raise ValueError(f"{name}: {label} has non-finite weights (NaN/inf)")
     max_rank = min(w0.shape)
     if not 1 <= gate_k <= max_rank:

@@ -1,0 +1,125 @@
+"""PAVE's side of a pool's nn.Modules: Linear weights as {layer: W}, checks before any work,
+DARE on raw deltas, and the device of statistics collection."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+from fusion_bench.method.dare.utils import param_random_drop_
+from torch import Tensor, nn
+
+from fusion_bench_pave.tensor_checks import first_nonfinite, first_shape_mismatch
+
+
+class LinearWeights(Mapping[str, Tensor]):
+    """The current weight [out, in] of each nn.Linear of a model, by module name; read at access
+    time, so a weight written back is what the next read sees and no old tensor is held."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def __getitem__(self, layer: str) -> Tensor:
+        return self.modules[layer].weight.data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def write(self, layer: str, weight: Tensor) -> None:
+        self.modules[layer].weight.data = weight
+
+
+def check_purifiable(model: nn.Module, includes: Callable[[str, nn.Module], bool], patterns: list[str]) -> None:
+    """ValueError unless `model` has a Linear that `includes` leaves to purify: a run that purifies
+    nothing would report the merger's result as PAVE's."""
+    linears = LinearWeights(model).modules
+    if not linears:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no nn.Linear module; PAVE purifies nn.Linear "
+            "weights only, so it would purify nothing."
+        )
+    if not any(includes(name, module) for name, module in linears.items()):
+        raise ValueError(
+            f"exclude_modules={patterns} excludes all {len(linears)} nn.Linear modules of the model, so "
+            "PAVE would purify nothing; narrow the patterns (null excludes only the heads, [] purifies "
+            "every Linear)."
+        )
+
+
+def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> None:
+    """Same parameter names and shapes as the pretrained model, and finite weights."""
+    if not finetuned:
+        raise ValueError("the pool has no fine-tuned models besides _pretrained_; PAVE needs at least one")
+    reference = pretrained.state_dict()
+    if (key := first_nonfinite(reference)) is not None:
+        raise ValueError(f"pretrained model: parameter '{key}' has non-finite values (NaN/inf).")
+    for task, model in finetuned.items():
+        state = model.state_dict()
+        if set(state) != set(reference):
+            diff = sorted(set(state) ^ set(reference))[:5]
+            raise ValueError(
+                f"task '{task}': architecture differs from the pretrained model (parameters {diff} "
+                "are not in both); all models of the pool must share one architecture."
+            )
+        if (key := first_shape_mismatch(reference, state)) is not None:
+            raise ValueError(
+                f"task '{task}': parameter '{key}' has shape {tuple(state[key].shape)}, pretrained has "
+                f"{tuple(reference[key].shape)}; all models of the pool must share one architecture."
+            )
+        if (key := first_nonfinite(state)) is not None:
+            raise ValueError(f"task '{task}': parameter '{key}' has non-finite values (NaN/inf).")
+
+
+@torch.no_grad()
+def dare_(pretrained: nn.Module, finetuned: Mapping[str, nn.Module], config: Mapping, seed: int) -> None:
+    """DARE on raw deltas, in place: W_ft <- W_pre + drop(W_ft - W_pre) with FusionBench's random
+    drop, seeded; the draws follow its DareTiesMerging (models in pool order, parameters in module
+    order, or only Linear weights with only_on_linear_weights)."""
+    ratio, rescale = float(config["sparsity_ratio"]), bool(config.get("rescale", True))
+    reference = dict(pretrained.named_parameters(remove_duplicate=False))  # tied lm_head included
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for model in finetuned.values():
+            if config.get("only_on_linear_weights", False):
+                params = [(f"{n}.weight" if n else "weight", m.weight) for n, m in LinearWeights(model).modules.items()]
+            else:
+                params = list(model.named_parameters())
+            for name, param in params:
+                delta = param.data - reference[name].data
+                param_random_drop_(delta, ratio, rescale)
+                param.data = reference[name].data + delta
+
+
+def pool_with_models(modelpool: Any, models: Mapping[str, nn.Module]) -> Any:
+    """A shallow copy of `modelpool` (its class, datasets, tokenizer, processor, ...) holding `models`
+    instead of its configured ones; its load_model returns them by name even where the pool's class
+    only instantiates configs (e.g. FusionBench's CausalLMPool)."""
+    pool = copy.copy(modelpool)
+    pool._models = dict(models)
+    load_configured = pool.load_model
+
+    def load_model(name_or_config: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        if isinstance(name_or_config, str) and name_or_config in pool._models:
+            return pool._models[name_or_config]
+        return load_configured(name_or_config, *args, **kwargs)
+
+    pool.load_model = load_model
+    return pool
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """`model` moved to `device` for the block and back to where it was after it."""
+    parameter = next(model.parameters(), None)
+    home = parameter.device if parameter is not None else device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)

@@ -1,0 +1,182 @@
+"""PAVE's purification of a pool as pure functions over {task: {layer: weight}} (torch only).
+
+Each (task, layer) takes one eigendecomposition of the Gram matrix of W C_eps (spectrum and U
+together). per_layer/uniform ranks depend on one layer's spectra only: decompose, allocate, project,
+layer by layer. per_model needs every layer's spectrum first, so a first pass also keeps the trailing
+columns of U that the collapsed ranks can drop (up to `tail_bytes`; beyond that, pruned layers are
+decomposed again). Only eps is kept per input (C_eps is rebuilt, bit-identical), so one covariance
+at a time is regularised in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusion_bench_pave.pave.covariance import CovarianceStats
+from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
+from fusion_bench_pave.pave.rank_allocation import Allocation, allocate_ranks, floor_rank, normalized_spectrum
+from fusion_bench_pave.pave.regularize import Regularization, add_identity, regularize
+
+Weights = Mapping[str, Mapping[str, Tensor]]  # {task: {layer: weight [out, in]}}
+Progress = Callable[[Iterable, str], Iterable]  # (iterable, description) -> the same items
+TAIL_BYTES = 2 * 2**30  # per_model: float64 columns of U kept between the spectra and purify passes
+
+
+@dataclass(frozen=True)
+class PurifySettings:
+    """How PAVE allocates ranks and regularises covariances; the defaults are PAVE's (its
+    constructor documents each)."""
+
+    rho: float = 1.0
+    allocation: Allocation = "per_layer"
+    floor_factor: float = 1.5
+    regularization: Regularization = "doubling"
+    eps0: float = 0.1
+    eps_tol: float = 5e-2
+    relative_alpha: float = 1e-3
+
+
+@dataclass
+class PurifiedLayer:
+    """One layer's result: each task's purified weight (the given tensor itself at full rank)."""
+
+    layer: str
+    weights: dict[str, Tensor]
+    ranks: dict[str, int]
+    full_rank: int
+
+
+class RegularizedCovariances:
+    """C_eps of (task, layer), regularising each distinct input once and keeping only its eps."""
+
+    def __init__(self, statistics: Mapping[str, CovarianceStats], settings: PurifySettings):
+        self.statistics = statistics
+        self.settings = settings
+        self.eps: dict[tuple[str, str], float] = {}
+
+    def __call__(self, task: str, layer: str) -> Tensor:
+        stats = self.statistics[task]
+        key = (task, stats.input_of[layer])
+        cov = stats.covariance(layer)
+        if key in self.eps:
+            return add_identity(cov, self.eps[key])
+        s = self.settings
+        regularized, self.eps[key] = regularize(cov, s.regularization, s.eps0, s.eps_tol, s.relative_alpha)
+        return regularized
+
+
+def purifiable_layers(statistics: Mapping[str, CovarianceStats]) -> list[str]:
+    """Layers with statistics in every task, in the first task's collection order."""
+    tasks = list(statistics)
+    return [l for l in statistics[tasks[0]].layers if all(l in statistics[t].input_of for t in tasks)]
+
+
+def lowest_collapsed_fraction(shapes: Sequence[Sequence[int]], num_models: int, rho: float, floor_factor: float) -> float:
+    """Lower bound of per_model's collapsed kept ratio: every model keeps at least each layer's floor,
+    so its ratio sum_l r_ml / sum_l R_l is at least min_l floor_l / R_l."""
+    fractions = [floor_rank(min(shape), num_models, rho, floor_factor) / min(shape) for shape in shapes]
+    return min(fractions, default=1.0)
+
+
+def _no_progress(items: Iterable, description: str) -> Iterable:
+    return items
+
+
+def _decompose(weights: Weights, cov_eps: RegularizedCovariances, task: str, layer: str) -> tuple[Tensor, Tensor]:
+    return context_eigh(weights[task][layer], cov_eps(task, layer))
+
+
+def _project(
+    weights: Weights, layer: str, ranks: Mapping[str, int], full_rank: int, bases: Mapping[str, tuple[Tensor, int]]
+) -> PurifiedLayer:
+    """Each task's weight without U's columns rank.. (bases[task] holds columns start.. of U)."""
+    purified = {}
+    for task, rank in ranks.items():
+        weight = weights[task][layer]
+        if rank < full_rank:
+            tail, start = bases[task]
+            weight = remove_subspace(weight, tail[:, rank - start :])
+        purified[task] = weight
+    return PurifiedLayer(layer, purified, dict(ranks), full_rank)
+
+
+@torch.no_grad()
+def iter_purified(
+    weights: Weights,
+    statistics: Mapping[str, CovarianceStats],
+    settings: PurifySettings,
+    progress: Progress = _no_progress,
+    tail_bytes: int = TAIL_BYTES,
+) -> Iterator[PurifiedLayer]:
+    """Purify every layer of `purifiable_layers(statistics)`, yielding one layer at a time so the
+    caller can write it back before the next is computed. `weights` is only read, and each layer's
+    weights before that layer is yielded."""
+    tasks = list(weights)
+    layers = purifiable_layers(statistics)
+    cov_eps = RegularizedCovariances(statistics, settings)
+    if settings.allocation != "per_model":
+        for layer in progress(layers, "PAVE purify"):
+            decompositions = {task: _decompose(weights, cov_eps, task, layer) for task in tasks}
+            spectra = {layer: [normalized_spectrum(s) for _, s in decompositions.values()]}
+            kept = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)[layer]
+            bases = {task: (u, 0) for task, (u, _) in decompositions.items()}
+            yield _project(weights, layer, dict(zip(tasks, kept)), len(spectra[layer][0]), bases)
+        return
+
+    shapes = [weights[tasks[0]][layer].shape for layer in layers]
+    lowest = lowest_collapsed_fraction(shapes, len(tasks), settings.rho, settings.floor_factor)
+    spectra: dict[str, list[list[float]]] = {}
+    tails: dict[tuple[str, str], tuple[Tensor, int]] = {}
+    budget = tail_bytes
+    for layer in progress(layers, "PAVE spectra"):
+        spectra[layer] = []
+        for task in tasks:
+            u, s = _decompose(weights, cov_eps, task, layer)
+            spectra[layer].append(normalized_spectrum(s))
+            start = max(0, math.floor(lowest * len(s)) - 1)
+            tail = u[:, start:]
+            if tail.numel() * tail.element_size() <= budget:
+                budget -= tail.numel() * tail.element_size()
+                tails[(task, layer)] = (tail.clone(), start)
+    allocated = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)
+    for layer in progress(layers, "PAVE purify"):
+        ranks, full_rank = dict(zip(tasks, allocated[layer])), len(spectra[layer][0])
+        bases = {}
+        for task, rank in ranks.items():
+            tail, start = tails.pop((task, layer), (None, 0))
+            if rank >= full_rank:
+                continue
+            if tail is None or rank < start:  # not kept, or the collapse cut deeper than the kept tail
+                tail, start = _decompose(weights, cov_eps, task, layer)[0], 0
+            bases[task] = (tail, start)
+        yield _project(weights, layer, ranks, full_rank, bases)
+
+
+def purify(
+    weights: Weights,
+    statistics: Mapping[str, CovarianceStats],
+    settings: PurifySettings,
+    progress: Progress = _no_progress,
+    write: Optional[Callable[[str, str, Tensor], None]] = None,
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]], dict[str, int]]:
+    """All of `iter_purified`: purified weights {task: {layer: W}}, kept ranks {task: {layer: r}}
+    and full ranks {layer: R}. With `write`, each purified weight goes to write(task, layer, W) as
+    soon as its layer is done and the returned weights are empty (nothing held twice)."""
+    purified: dict[str, dict[str, Tensor]] = {task: {} for task in weights}
+    ranks: dict[str, dict[str, int]] = {task: {} for task in weights}
+    full_ranks: dict[str, int] = {}
+    for layer in iter_purified(weights, statistics, settings, progress):
+        for task, weight in layer.weights.items():
+            if write is None:
+                purified[task][layer.layer] = weight
+            else:
+                write(task, layer.layer, weight)
+            ranks[task][layer.layer] = layer.ranks[task]
+        full_ranks[layer.layer] = layer.full_rank
+    return purified, ranks, full_ranks

@@ -1,0 +1,166 @@
+"""Each task's input statistics for one PAVE run: read from the covariance cache, or collected
+(sharded over DDP processes, all-reduced, checked) and then cached."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict, open_cache
+from fusion_bench_pave.pave.calibration import (
+    dataset_fingerprint,
+    iter_batches,
+    load_calibration_dataset,
+    load_preprocessor,
+    preprocessor_fingerprint,
+    sample_indices,
+    shard,
+)
+from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class CollectionSettings:
+    """What decides a task's statistics, all of it in the cache key; the defaults are PAVE's (its
+    constructor documents each; its exclude_modules=None means the heads)."""
+
+    num_samples: int = 64
+    num_rows: Optional[int] = None
+    batch_size: int = 16
+    max_length: int = 128
+    mask_padding: bool = True
+    accumulate_dtype: Literal["float32", "float64"] = "float64"
+    seed: int = 42
+    exclude: tuple[str, ...] = ()
+
+    def includes(self, name: str, module: nn.Module) -> bool:
+        """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
+        return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in self.exclude)
+
+
+def open_run_cache(cache_dir: Optional[str], fabric: Any) -> Optional[CovarianceCache]:
+    """The covariance cache at cache_dir, checked once before any work (open_cache): None if unset
+    or unusable. Under DDP rank 0 decides, since it alone writes the entries."""
+    cache = open_cache(cache_dir) if cache_dir and fabric.is_global_zero else None
+    if fabric.world_size > 1:
+        usable = fabric.broadcast(None if cache is None else cache.writable, src=0)
+        cache = None if usable is None or not cache_dir else CovarianceCache(cache_dir, usable)
+    return cache
+
+
+def check_statistics(task: str, stats: CovarianceStats, settings: CollectionSettings) -> None:
+    """ValueError naming the task and Linear if an input got fewer than num_rows token rows or a
+    non-finite sum."""
+    short = {key: n for key, n in stats.count.items() if n < (settings.num_rows or 0)}
+    if short:
+        key, n = next(iter(short.items()))
+        raise ValueError(
+            f"task '{task}': Linear '{key}' got only {n} token rows from {settings.num_samples} samples, "
+            f"fewer than num_rows={settings.num_rows}; raise num_samples or lower num_rows."
+        )
+    for key, xtx in stats.xtx.items():
+        if not torch.isfinite(xtx).all():
+            raise ValueError(
+                f"task '{task}': non-finite input covariance at Linear '{key}'; check the "
+                "fine-tuned weights and inputs (bf16 overflow? use float32 weights)."
+            )
+
+
+class TaskStatistics:
+    """Statistics of the tasks of one pool, sharing its preprocessor and the run's cache; `hits`
+    lists the tasks served from the cache."""
+
+    def __init__(
+        self,
+        modelpool: Any,
+        settings: CollectionSettings,
+        fabric: Any,
+        cache: Optional[CovarianceCache] = None,
+        calibration_datasets: Optional[Mapping] = None,
+    ):
+        self.modelpool = modelpool
+        self.settings = settings
+        self.fabric = fabric
+        self.cache = cache
+        self.calibration_datasets = calibration_datasets
+        self.hits: list[str] = []
+        self._preprocessor: Any = None
+
+    @property
+    def preprocessor(self) -> Any:
+        if self._preprocessor is None:
+            self._preprocessor = load_preprocessor(self.modelpool)
+        return self._preprocessor
+
+    def cache_parts(self, task: str, model: nn.Module, dataset: Any) -> Optional[dict[str, Any]]:
+        """The cache key parts of this task's statistics, or None (and the cache off for the rest of
+        the run) if the preprocessor cannot be fingerprinted."""
+        fingerprint = preprocessor_fingerprint(self.preprocessor)
+        if fingerprint is None:
+            log.warning(f"cannot fingerprint the preprocessor ({type(self.preprocessor).__name__}); "
+                        "the covariance cache is not used in this run.")
+            self.cache = None
+            return None
+        s = self.settings
+        return {
+            "model": fingerprint_state_dict(model.state_dict()),
+            "dataset": dataset_fingerprint(dataset, task),
+            "preprocessor": fingerprint,
+            "num_samples": s.num_samples,
+            "num_rows": s.num_rows,
+            "seed": s.seed,
+            "mask_padding": s.mask_padding,
+            "max_length": s.max_length,
+            "dtype": s.accumulate_dtype,
+            "exclude": list(s.exclude),
+        }
+
+    def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
+        """Input statistics of every included Linear of `model` on the task's calibration samples;
+        with several processes each takes a shard and the sums are all-reduced. Statistics from the
+        cache (also right after saving them there) are read lazily from it."""
+        settings, fabric = self.settings, self.fabric
+        dataset = load_calibration_dataset(self.modelpool, task, self.calibration_datasets)
+        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
+        parts = self.cache_parts(task, model, dataset) if self.cache is not None else None
+        if parts is not None and (stats := self.cache.load(parts)) is not None:
+            log.info(f"task '{task}': covariance statistics from the cache")
+            self.hits.append(task)
+            return stats
+        if settings.num_rows is not None and fabric.world_size > 1:
+            raise ValueError(
+                "num_rows takes the first rows in calibration order, which one process cannot know "
+                "under DDP; use num_samples (num_rows=null) with fabric.devices > 1."
+            )
+        if -(-len(indices) // settings.batch_size) < fabric.world_size:  # same verdict on every rank
+            raise ValueError(
+                f"task '{task}': {settings.num_samples} calibration samples make fewer batches than the "
+                f"{fabric.world_size} processes; use num_samples >= {fabric.world_size * settings.batch_size}."
+            )
+        mine = shard(indices, fabric.global_rank, fabric.world_size, settings.batch_size)
+        batches = iter_batches(dataset, mine, self.preprocessor, model, task, batch_size=settings.batch_size,
+                               max_length=settings.max_length, mask_padding=settings.mask_padding)
+        batches = tqdm(batches, total=-(-len(mine) // settings.batch_size), desc=f"PAVE covariance [{task}]",
+                       disable=not fabric.is_global_zero)
+        stats = collect_covariance(model, batches, settings.includes, DTYPES[settings.accumulate_dtype],
+                                   settings.num_rows)
+        if fabric.world_size > 1:
+            stats = stats.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
+        check_statistics(task, stats, settings)  # after the all-reduce: the same verdict on every rank
+        stats = stats.to("cpu")  # collected on the model's device; cached, offloaded and purified on the CPU
+        if self.cache is None or not self.cache.writable:
+            return stats
+        if fabric.is_global_zero:
+            self.cache.save(parts, stats)
+        fabric.barrier()
+        return self.cache.load(parts) or stats  # in memory if this process cannot see rank 0's cache
