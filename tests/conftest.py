@@ -24,6 +24,15 @@ def session_thread_count():
     torch.set_num_threads(SESSION_THREADS)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device a test should run on: the CPU everywhere, CUDA where torch sees a GPU."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = Path(os.environ.get("FUSION_BENCH_PAVE_TEST_CACHE") or tmp_path_factory.mktemp("fbp-cache"))
