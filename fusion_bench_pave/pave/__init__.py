@@ -2,8 +2,8 @@
 
 Pure math (torch only):  covariance.py (streaming X^T X hooks), regularize.py (C + eps I),
 purify.py (context SVD, projection U_r U_r^T W), rank_allocation.py (spectral rank allocation),
-stats_file.py (statistics as safetensors, read one tensor at a time), cache.py (atomic on-disk
-covariance cache), offload.py (statistics in memory or on disk until purification). FusionBench
+cache.py (on-disk covariance cache of statistics files, io/statistics.py), offload.py (statistics in
+memory or on disk until purification). FusionBench
 glue: calibration.py (train split -> model inputs), algorithm.py (the `PAVE` algorithm), plot.py
 (rank heatmap).
 

@@ -26,8 +26,9 @@ from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from fusion_bench.utils.instantiate_utils import instantiate
 from fusion_bench_pave.arguments import reject_unknown_keys
-from fusion_bench_pave.atomic import atomic_write_text
-from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict, open_cache
+from fusion_bench_pave.io.atomic import atomic_write_text
+from fusion_bench_pave.io.fingerprint import fingerprint_state_dict
+from fusion_bench_pave.pave.cache import CovarianceCache, open_cache
 from fusion_bench_pave.pave.calibration import (
     dataset_fingerprint,
     iter_batches,
