@@ -29,7 +29,7 @@ import torch
 from benchmarks.perf_pave import REPO_ROOT, SETTINGS
 from fusion_bench_pave.pave.models import LinearWeights
 from fusion_bench_pave.pave.purification import PurifySettings, purify
-from fusion_bench_pave.pave.cache import fingerprint_state_dict
+from fusion_bench_pave.io.fingerprint import fingerprint_state_dict
 from fusion_bench_pave.pave.covariance import collect_covariance
 from fusion_bench_pave.pave.offload import CovarianceOffload, stats_bytes
 from reference.pave_comparison import build

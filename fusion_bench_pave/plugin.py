@@ -1,6 +1,7 @@
 """Everything this package changes in the process, in one place: the transformers-5 repair of
-fusion_bench 0.2.33's imports, the OmegaConf resolvers our yaml uses, and the registration of
-Smile{Mistral,Llama,Qwen2}ForCausalLM with transformers' Auto classes.
+fusion_bench 0.2.33's imports, the OmegaConf resolvers our yaml uses, the registration of
+Smile{Mistral,Llama,Qwen2}ForCausalLM with transformers' Auto classes, and of SMILE's file format
+with the model pools' atomic save.
 
 Imported by the Hydra search-path plugin (so every ``fusion_bench`` run has it before any config is
 composed) and by our FusionBench-facing modules (algorithms, pools, task pools). The math modules
@@ -15,3 +16,7 @@ patch_transformers_for_fusion_bench()
 register_resolvers()
 
 from fusion_bench_pave.smile import causal_lm  # noqa: E402,F401  (registers the Auto classes)
+from fusion_bench_pave.io.formats import register_model_format  # noqa: E402
+from fusion_bench_pave.io.smile import SMILE_FORMAT  # noqa: E402
+
+register_model_format(SMILE_FORMAT)

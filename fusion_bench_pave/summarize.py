@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from fusion_bench_pave.atomic import atomic_file, atomic_write_text
+from fusion_bench_pave.io.atomic import atomic_file, atomic_write_text
 
 REPORT_NAME = "program_report.json"
 NON_TASK_KEYS = {"model_info", "average"}

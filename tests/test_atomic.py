@@ -1,4 +1,4 @@
-"""fusion_bench_pave.atomic: targets appear whole or not at all; stale staging is cleaned up;
+"""fusion_bench_pave.io.atomic: targets appear whole or not at all; stale staging is cleaned up;
 overwrite replaces only directories that hold nothing but what we wrote (their manifest)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fusion_bench_pave.atomic import (
+from fusion_bench_pave.io.atomic import (
     MANIFEST,
     atomic_file,
     atomic_output_dir,

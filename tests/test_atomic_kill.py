@@ -21,11 +21,11 @@ from transformers import CLIPVisionModel
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils import instantiate
-from fusion_bench_pave.atomic import MANIFEST, PAUSE_ENV, atomic_write_text
+from fusion_bench_pave.io.atomic import MANIFEST, PAUSE_ENV, atomic_write_text
+from fusion_bench_pave.io.smile import load_smile_model, save_smile_model
 from fusion_bench_pave.pave.cache import CovarianceCache
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
-from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
 
 from conftest import REPO_ROOT, child_pythonpath, compose_fusion_bench
 
@@ -80,7 +80,7 @@ with atomic.atomic_file(sys.argv[1], "wb") as handle:
 def test_kill_in_the_middle_of_a_file_keeps_the_old_file(tmp_path):
     target = tmp_path / "report.json"
     atomic_write_text(target, "old")
-    proc = start(SLOW_WRITER, str(target), str(REPO_ROOT / "fusion_bench_pave" / "atomic.py"))
+    proc = start(SLOW_WRITER, str(target), str(REPO_ROOT / "fusion_bench_pave" / "io" / "atomic.py"))
     wait_until(proc, lambda: any(p.stat().st_size > 0 for p in staging_of(target)))
     kill(proc)
     assert target.read_text() == "old"
@@ -92,7 +92,7 @@ def test_kill_in_the_middle_of_a_file_keeps_the_old_file(tmp_path):
 
 SMILE_WRITER = """
 import sys, torch
-from fusion_bench_pave.smile.io import save_smile_model
+from fusion_bench_pave.io.smile import save_smile_model
 from test_atomic_kill import smile_model
 torch.set_num_threads(1)
 save_smile_model(smile_model(int(sys.argv[2])), sys.argv[1], overwrite=True)

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, CLIPVision
 
 from fusion_bench import modelpool as fusion_bench_pools
 from fusion_bench.utils import instantiate
-from fusion_bench_pave.atomic import MANIFEST
+from fusion_bench_pave.io.atomic import MANIFEST
+from fusion_bench_pave.io.smile import load_smile_model, save_smile_model
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
-from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
 from fusion_bench_pave.modelpool import (
     CausalLMPool,
     CLIPVisionModelPool,

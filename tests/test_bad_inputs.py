@@ -26,12 +26,12 @@ from torch import nn
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils import instantiate
+from fusion_bench_pave.io.smile import save_smile_model
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave.rank_allocation import allocate_ranks
 from fusion_bench_pave.smile import SmileLinear
 from fusion_bench_pave.smile.algorithm import SmileMistralUpscalingAlgorithm, SmileUpscalingAlgorithm
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm_checkpoint
-from fusion_bench_pave.smile.io import save_smile_model
 from fusion_bench_pave.summarize import summarize
 from fusion_bench_pave.taskpool import LabelWordsTaskPool
 

@@ -1,5 +1,5 @@
-"""The math layer loads with torch alone: importing it pulls in none of FusionBench, Hydra/OmegaConf,
-Lightning, matplotlib, transformers or datasets (checked in a fresh interpreter)."""
+"""The math and I/O layers load with torch (and safetensors) alone: importing them pulls in none of
+FusionBench, Hydra/OmegaConf, Lightning, matplotlib, transformers or datasets (checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 
 MATH_MODULES = [
     "fusion_bench_pave.pave.covariance", "fusion_bench_pave.pave.regularize", "fusion_bench_pave.pave.purify",
-    "fusion_bench_pave.pave.rank_allocation", "fusion_bench_pave.pave.stats_file", "fusion_bench_pave.pave.offload",
+    "fusion_bench_pave.pave.rank_allocation", "fusion_bench_pave.pave.offload",
     "fusion_bench_pave.smile.svd", "fusion_bench_pave.smile.decompose", "fusion_bench_pave.smile.linear",
     "fusion_bench_pave.smile.upscale", "fusion_bench_pave.pave.purification", "fusion_bench_pave.tensor_checks",
+    "fusion_bench_pave.io.atomic", "fusion_bench_pave.io.safetensors",
+    "fusion_bench_pave.io.statistics", "fusion_bench_pave.io.fingerprint", "fusion_bench_pave.io.smile",
 ]
 HEAVY = ["fusion_bench", "omegaconf", "hydra", "lightning", "matplotlib", "transformers", "datasets"]
 

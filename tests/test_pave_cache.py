@@ -24,7 +24,8 @@ from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import cache as pave_cache
 from fusion_bench_pave.pave.calibration import preprocessor_fingerprint
 from fusion_bench_pave.pave.covariance import CovarianceStats
-from fusion_bench_pave.pave.stats_file import LazyTensors, load_stats, save_stats
+from fusion_bench_pave.io.safetensors import LazyTensors
+from fusion_bench_pave.io.statistics import load_stats, save_stats
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 PURIFY = PAVE.purify_

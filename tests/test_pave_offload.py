@@ -14,13 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
-from fusion_bench_pave.atomic import atomic_file
+from fusion_bench_pave.io.atomic import atomic_file
+from fusion_bench_pave.io.fingerprint import cache_key, canonical
+from fusion_bench_pave.io.safetensors import LazyTensors, write_tensors
+from fusion_bench_pave.io.statistics import load_stats, save_stats
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import purification
-from fusion_bench_pave.pave.cache import CovarianceCache, cache_key, canonical
+from fusion_bench_pave.pave.cache import CovarianceCache
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.offload import SPILL_PREFIX, CovarianceOffload, goes_to_disk
-from fusion_bench_pave.pave.stats_file import LazyTensors, load_stats, save_stats, write_tensors
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 TIES = {
@@ -109,8 +111,8 @@ def test_truncated_or_foreign_files_are_rejected(tmp_path):
         LazyTensors(path)
     with pytest.raises(ValueError, match=r"metadata keys \['count'\] are reserved"):
         write(path, random_stats(), {"count": "1"})
-    with open(path, "wb") as handle, pytest.raises(TypeError, match="torch.int64"):
-        write_tensors(handle, {"ids": torch.arange(3)}, {})
+    with open(path, "wb") as handle, pytest.raises(TypeError, match="torch.complex128"):
+        write_tensors(handle, {"z": torch.zeros(3, dtype=torch.complex128)}, {})
 
 
 # --------------------------------------------------------------------------- cache

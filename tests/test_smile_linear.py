@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_bench_pave.smile.decompose import smile_tensors
-from fusion_bench_pave.smile.linear import SmileLinear
+from fusion_bench_pave.smile.linear import SmileLinear, smile_layout
 from reference.smile_forward import naive_forward
 
 
@@ -27,6 +27,19 @@ def smile_layer(w0, b0, ws, bs, gate_k, k, top_k, routing_use_diff=True) -> Smil
     layer = SmileLinear(w0.shape[1], w0.shape[0], len(ws), gate_k, k, top_k, bias=b0 is not None)
     layer.load_state_dict(smile_tensors(w0, ws, b0, bs, gate_k, k, routing_use_diff))
     return layer
+
+
+@pytest.mark.parametrize("k", [4, 0])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_parameters_and_decomposition_follow_the_one_layout(k, bias):
+    experts = {"expert_u": (3, 24, k), "expert_svh": (3, k, 16)} if k > 0 else {"expert_weight": (3, 24, 16)}
+    expected = {"weight": (24, 16), "router": (3, 2, 16), **experts, **({"bias": (24,), "expert_bias": (3, 24)} if bias else {})}
+    layout = smile_layout(16, 24, 3, 2, k, bias)
+    assert list(layout.items()) == list(expected.items())
+    layer = SmileLinear(16, 24, 3, 2, k, bias=bias)
+    assert {name: tuple(p.shape) for name, p in layer.state_dict().items()} == layout
+    w0, b0, ws, bs = layer_family(bias=bias)
+    assert [(name, tuple(t.shape)) for name, t in smile_tensors(w0, ws, b0, bs, 2, k).items()] == list(layout.items())
 
 
 @pytest.mark.parametrize("k", [4, 0])

@@ -11,10 +11,10 @@ from torch import nn
 
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers, Auto classes)
 from fusion_bench.modelpool import BaseModelPool
-from fusion_bench_pave.atomic import MANIFEST
+from fusion_bench_pave.io.atomic import MANIFEST
+from fusion_bench_pave.io.smile import save_smile_model
 from fusion_bench_pave.smile import SmileLinear, upscale_model
 from fusion_bench_pave.smile.algorithm import SmileUpscalingAlgorithm
-from fusion_bench_pave.smile.io import save_smile_model
 from reference.tiny_models import clip_vision, noisy_copies, t5
 
 CONFIGS = [

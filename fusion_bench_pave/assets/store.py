@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fusion_bench_pave.atomic import atomic_output_dir
+from fusion_bench_pave.io.atomic import atomic_output_dir
 
 COMPLETE = "COMPLETE"
 

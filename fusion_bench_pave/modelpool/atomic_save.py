@@ -3,7 +3,7 @@
 FusionBench's program saves the merged model with ``modelpool.save_model(model, path, **merged_model_save_kwargs)``
 after the merge, writing into ``path`` directly: a run killed while saving leaves a half-written
 checkpoint, and a rerun silently overwrites the last one. Pools with this mixin write into a staging
-directory renamed into place (``fusion_bench_pave.atomic``) and refuse an existing ``path`` unless
+directory renamed into place (``fusion_bench_pave.io.atomic``) and refuse an existing ``path`` unless
 ``merged_model_save_kwargs.overwrite=true``, and even then if it holds files we did not write there;
 the refusal happens when the program attaches itself to the pool, i.e. before any merging, not after it.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from fusion_bench_pave.atomic import atomic_output_dir, refuse_replacing_dir
-from fusion_bench_pave.smile.io import needs_smile_format, write_smile_files
+from fusion_bench_pave.io.atomic import atomic_output_dir, refuse_replacing_dir
+from fusion_bench_pave.io.formats import model_format_for
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def program_save_target(program: Any) -> tuple[str, bool] | None:
 class AtomicSaveMixin:
     """``save_model(model, path, overwrite=False, **kwargs)``: the base pool's save, written to a
     staging directory that replaces ``path`` only once complete (and only if it holds just what we
-    wrote there). A SMILE-upscaled model of an architecture whose ``from_pretrained`` would ignore the
-    experts is written in SMILE's format."""
+    wrote there). A model that a registered format claims (io/formats.py; e.g. a SMILE-upscaled model
+    whose ``from_pretrained`` would ignore the experts) is written in that format."""
 
     _attached_program: Any = None
 
@@ -57,12 +57,8 @@ class AtomicSaveMixin:
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub is not supported by atomic saving; save locally, then upload the directory")
         with atomic_output_dir(os.path.expanduser(path), overwrite) as staging:
-            if needs_smile_format(model):
-                log.warning(
-                    f"{path}: SMILE model saved as smile.json + smile.safetensors (no config.json, so "
-                    "from_pretrained cannot silently drop the experts); reload it with "
-                    "fusion_bench_pave.smile.io.load_smile_model(pretrained_model, path)"
-                )
-                write_smile_files(model, staging)
+            if (model_format := model_format_for(model)) is not None:
+                log.warning(f"{path}: {model_format.note}")
+                model_format.write(model, staging)
             else:
                 super().save_model(model, str(staging), *args, **kwargs)

@@ -5,7 +5,7 @@ regularize.py (C + eps I), purify.py (context SVD, projection U_r U_r^T W of one
 rank_allocation.py (spectral rank allocation), purification.py (a pool's {task: {layer: W}} ->
 purified weights and ranks, layer by layer). Around it: task_statistics.py (each task's statistics:
 cache, DDP shards, checks), models.py (Linear weights of nn.Modules, compatibility checks, DARE),
-stats_file.py, cache.py, offload.py (statistics on disk or in memory), calibration.py (train split ->
+cache.py (on-disk covariance cache of io/statistics.py files), offload.py (statistics on disk or in memory), calibration.py (train split ->
 model inputs), report.py, plot.py, and algorithm.py (the `PAVE` FusionBench class).
 
 Usage: ``fusion_bench method=pave_ties modelpool=... taskpool=...`` (also pave_ta, pave_dare_ties,

@@ -1,10 +1,9 @@
 """On-disk cache of covariance statistics keyed by (model fingerprint, dataset, preprocessor,
 samples, masking, ...), so a sweep over rho or lambda collects statistics once. Writes are atomic
-(fusion_bench_pave.atomic); every entry is checked against its checksums before it is used."""
+(fusion_bench_pave.io.atomic); every entry is checked against its checksums before it is used."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -12,33 +11,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from torch import Tensor
-
-from fusion_bench_pave.atomic import atomic_file
+from fusion_bench_pave.io.atomic import atomic_file
+from fusion_bench_pave.io.fingerprint import cache_key, canonical
+from fusion_bench_pave.io.statistics import load_stats, save_stats
 from fusion_bench_pave.pave.covariance import CovarianceStats
-from fusion_bench_pave.pave.stats_file import load_stats, raw_bytes, save_stats
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint_state_dict(state_dict: Mapping[str, Tensor]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes and bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(raw_bytes(tensor))
-    return digest.hexdigest()
-
-
-def cache_key(parts: Mapping[str, Any]) -> str:
-    """Stable hash of the JSON-serialisable key parts."""
-    blob = json.dumps(dict(parts), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
 class CovarianceCache:
-    """Directory of statistics files (stats_file.py), one per key, recording the key parts they were
+    """Directory of statistics files (io/statistics.py), one per key, recording the key parts they were
     made from. Loaded statistics are lazy: each covariance is read from the file when used. The
     version in the file name keeps files of older formats (``pave_cov_<key>.pt``, ``pave_cov_v2_*``
     without checksums) out of reach. ``writable=False``: entries are read, never saved."""
@@ -53,7 +35,7 @@ class CovarianceCache:
     def load(self, parts: Mapping[str, Any]) -> Optional[CovarianceStats]:
         """Cached statistics for these key parts, or None. The whole entry is read once and checked
         against its checksums first (one tensor at a time), so a damaged entry is recomputed before
-        any of it is used; later reads are checked again (stats_file.LazyTensors)."""
+        any of it is used; later reads are checked again (io.safetensors.LazyTensors)."""
         path = self.path(cache_key(parts))
         if not path.exists():
             return None
@@ -107,7 +89,3 @@ def open_cache(root: str | os.PathLike) -> Optional[CovarianceCache]:
     os.unlink(probe)
     return CovarianceCache(root)
 
-
-def canonical(parts: Mapping[str, Any]) -> Any:
-    """The key parts as they read back from JSON (tuples as lists, other objects as strings)."""
-    return json.loads(json.dumps(dict(parts), sort_keys=True, default=str))

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from transformers import AutoTokenizer
 
-from fusion_bench_pave.pave.cache import cache_key
+from fusion_bench_pave.io.fingerprint import cache_key
 
 IMAGE_COLUMNS = ("image", "img")
 TEXT_COLUMNS = ("text", "sentence", "content")

@@ -46,7 +46,7 @@ def symmetrize_(acc: Tensor, block: int = 1024) -> Tensor:
 @dataclass
 class CovarianceStats:
     """Sums of X^T X per distinct input, token counts, and which input each Linear reads. `xtx` is a
-    dict while collecting; statistics read from disk have a lazy mapping (stats_file.LazyTensors)."""
+    dict while collecting; statistics read from disk have a lazy mapping (io.safetensors.LazyTensors)."""
 
     xtx: Mapping[str, Tensor] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)

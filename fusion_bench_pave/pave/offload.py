@@ -2,7 +2,7 @@
 
 In memory, T tasks hold T * sum_inputs d_in^2 float64 values at once (8.5 GB for a full CLIP
 ViT-B/32 and T = 8), although purification reads one layer's covariances of all tasks at a time.
-On disk, each task's statistics are a safetensors file read one tensor per lookup (stats_file.py):
+On disk, each task's statistics are a safetensors file read one tensor per lookup (io/statistics.py):
 the covariance cache's file when a cache is configured, else a file in a temporary directory that
 lives for one run (removed on exit, also on error). Either way purification sees the same tensors,
 bit for bit.
@@ -18,8 +18,9 @@ from typing import Literal, Optional
 
 from torch import Tensor
 
+from fusion_bench_pave.io.safetensors import LazyTensors
+from fusion_bench_pave.io.statistics import load_stats, save_stats
 from fusion_bench_pave.pave.covariance import CovarianceStats
-from fusion_bench_pave.pave.stats_file import LazyTensors, load_stats, save_stats
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fusion_bench_pave.atomic import atomic_file  # noqa: E402
+from fusion_bench_pave.io.atomic import atomic_file  # noqa: E402
 
 
 def save_rank_heatmap(

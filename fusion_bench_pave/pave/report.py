@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from fusion_bench_pave.atomic import atomic_write_text
+from fusion_bench_pave.io.atomic import atomic_write_text
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 
 

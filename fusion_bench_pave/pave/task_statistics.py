@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.pave.cache import CovarianceCache, fingerprint_state_dict, open_cache
+from fusion_bench_pave.io.fingerprint import fingerprint_state_dict
+from fusion_bench_pave.pave.cache import CovarianceCache, open_cache
 from fusion_bench_pave.pave.calibration import (
     dataset_fingerprint,
     iter_batches,

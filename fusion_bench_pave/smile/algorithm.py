@@ -18,10 +18,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fusion_bench_pave.arguments import check_argument_types, constructor_arguments, reject_unknown_keys
-from fusion_bench_pave.atomic import refuse_replacing_dir
-from fusion_bench_pave.smile.causal_lm.checkpoint import SafetensorsCheckpoint
+from fusion_bench_pave.io.atomic import atomic_output_dir, refuse_replacing_dir
+from fusion_bench_pave.io.safetensors import LazyTensors
+from fusion_bench_pave.io.smile import is_smile_checkpoint, load_smile_model, write_smile_files
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
-from fusion_bench_pave.smile.io import atomic_output_dir, is_smile_checkpoint, load_smile_model, write_smile_files
 from fusion_bench_pave.smile.record import RECORD, check_record, record_text, upscaling_record, write_record
 from fusion_bench_pave.smile.svd import SvdMethod
 from fusion_bench_pave.smile.upscale import upscale_model
@@ -187,7 +187,7 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
         models = None if all(dirs) else [modelpool.load_pretrained_model(), *modelpool.models()]
         record = None
         if self.model_path is not None:
-            inputs = [SafetensorsCheckpoint(d) for d in dirs] if models is None else [m.state_dict() for m in models]
+            inputs = [LazyTensors(d) for d in dirs] if models is None else [m.state_dict() for m in models]
             record = upscaling_record(self.settings(), dict(zip(names, inputs)))
             if Path(self.model_path).exists() and not self.overwrite:
                 check_record(self.model_path, record)

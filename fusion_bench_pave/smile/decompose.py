@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusion_bench_pave.smile.linear import smile_layout
 from fusion_bench_pave.smile.svd import SvdMethod, top_svd
 from fusion_bench_pave.tensor_checks import first_nonfinite, first_shape_mismatch, shape_of
 
@@ -58,7 +59,7 @@ def smile_tensors(
     dtype: torch.dtype | None = None,
     name: str = "layer",
 ) -> dict[str, Tensor]:
-    """The ``SmileLinear`` state dict (keys ``weight``, ``bias``, ``router``, ``expert_*``) for one layer.
+    """The ``SmileLinear`` state dict for one layer (keys, shapes and order of ``smile_layout``).
 
     SVD runs in float32 (float64 inputs stay float64) on ``compute_device``; results are cast to
     ``dtype`` (default: ``w0.dtype``) on ``w0``'s device. Layers whose experts equal the
@@ -83,12 +84,12 @@ def smile_tensors(
         else:
             dense.append(dw)
     cast = lambda t: t.to(out_device, out_dtype).contiguous()  # noqa: E731
-    result = {"weight": w0.detach().to(out_dtype), "router": cast(torch.stack(routers))}
+    tensors = {"weight": w0.detach().to(out_dtype), "router": cast(torch.stack(routers))}
     if k > 0:
-        result |= {"expert_u": cast(torch.stack(us)), "expert_svh": cast(torch.stack(svhs))}
+        tensors |= {"expert_u": cast(torch.stack(us)), "expert_svh": cast(torch.stack(svhs))}
     else:
-        result["expert_weight"] = cast(torch.stack(dense))
+        tensors["expert_weight"] = cast(torch.stack(dense))
     if b0 is not None:
-        result["bias"] = b0.detach().to(out_dtype)
-        result["expert_bias"] = cast(torch.stack([b.to(dev, base.dtype) - b0.to(dev, base.dtype) for b in bs]))
-    return result
+        tensors["bias"] = b0.detach().to(out_dtype)
+        tensors["expert_bias"] = cast(torch.stack([b.to(dev, base.dtype) - b0.to(dev, base.dtype) for b in bs]))
+    return {key: tensors[key] for key in smile_layout(w0.shape[1], w0.shape[0], len(ws), gate_k, k, b0 is not None)}

@@ -19,14 +19,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class SmileLinear(nn.Module):
-    """Drop-in replacement for ``nn.Linear`` with ``num_experts`` routed experts.
+def smile_layout(in_features: int, out_features: int, num_experts: int, gate_k: int, k: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys and shapes of one SMILE layer, in the order they are stored: ``weight``
+    [m, n], ``router`` [T, g, n], either ``expert_u`` [T, m, k] + ``expert_svh`` [T, k, n]
+    (``k > 0``) or ``expert_weight`` [T, m, n] (``k <= 0``, dense experts), then ``bias`` [m] and
+    ``expert_bias`` [T, m] when the layer has a bias. ``weight``/``bias`` are the pretrained layer,
+    named as in ``nn.Linear`` so a base checkpoint loads into it."""
+    m, n, t = out_features, in_features, num_experts
+    layout = {"weight": (m, n), "router": (t, gate_k, n)}
+    layout |= {"expert_u": (t, m, k), "expert_svh": (t, k, n)} if k > 0 else {"expert_weight": (t, m, n)}
+    return layout | ({"bias": (m,), "expert_bias": (t, m)} if bias else {})
 
-    Parameters (state-dict keys): ``weight``/``bias`` (the pretrained layer, same names as
-    ``nn.Linear`` so a base checkpoint loads into it), ``router`` [T, g, n], and either
-    ``expert_u`` [T, m, k] + ``expert_svh`` [T, k, n] (``k > 0``) or ``expert_weight`` [T, m, n]
-    (``k <= 0``, dense experts), plus ``expert_bias`` [T, m] when the layer has a bias.
-    Freshly constructed experts and router are zero, i.e. the layer equals its pretrained part.
+
+class SmileLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` with ``num_experts`` routed experts; its parameters are
+    ``smile_layout``'s. Freshly constructed experts and router are zero, i.e. the layer equals its
+    pretrained part.
     """
 
     def __init__(
@@ -53,17 +61,12 @@ class SmileLinear(nn.Module):
             raise ValueError(f"k must be <= {max_rank} (min(in, out) = min({in_features}, {out_features})) or <= 0 for dense experts, got {k}")
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.gate_k, self.k, self.top_k = num_experts, gate_k, k, top_k
-        fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
-        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, **fk)) if bias else None)
+        if not bias:
+            self.register_parameter("bias", None)
+            self.register_parameter("expert_bias", None)
+        for name, shape in smile_layout(in_features, out_features, num_experts, gate_k, k, bias).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self.router = nn.Parameter(torch.zeros(num_experts, gate_k, in_features, **fk))
-        if k > 0:
-            self.expert_u = nn.Parameter(torch.zeros(num_experts, out_features, k, **fk))
-            self.expert_svh = nn.Parameter(torch.zeros(num_experts, k, in_features, **fk))
-        else:
-            self.expert_weight = nn.Parameter(torch.zeros(num_experts, out_features, in_features, **fk))
-        self.register_parameter("expert_bias", nn.Parameter(torch.zeros(num_experts, out_features, **fk)) if bias else None)
 
     def routing(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Routing weights [N, top_k] (rows sum to 1) and selected expert ids [N, top_k] for tokens x [N, n]."""

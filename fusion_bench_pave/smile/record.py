@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fusion_bench_pave.pave.cache import canonical, fingerprint_state_dict
+from fusion_bench_pave.io.fingerprint import canonical, fingerprint_state_dict
 
 RECORD = "smile_upscaling.json"
 FORMAT = "fusion_bench_pave.smile.record/1"

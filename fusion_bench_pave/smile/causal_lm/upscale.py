@@ -2,7 +2,7 @@
 
 The core is a generator over (name, tensor) pairs of the SMILE model's state dict that reads the
 pretrained and fine-tuned tensors one projection at a time from any ``Mapping[str, Tensor]`` (a
-``state_dict()`` or a lazy ``SafetensorsCheckpoint``). Streamed into a ``ShardWriter``, peak
+``state_dict()`` or a lazy ``io.safetensors.LazyTensors``). Streamed into a ``ShardWriter``, peak
 memory is one projection's worth of tensors (x T+1) plus one output shard, whatever the depth.
 """
 
@@ -21,11 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from fusion_bench_pave.atomic import atomic_output_dir
-from fusion_bench_pave.smile.causal_lm.checkpoint import INDEX, SafetensorsCheckpoint, ShardWriter
+from fusion_bench_pave.io.atomic import atomic_output_dir
+from fusion_bench_pave.io.safetensors import INDEX, LazyTensors, ShardWriter
 from fusion_bench_pave.smile.causal_lm.configuration import SMILE_CONFIGS
 from fusion_bench_pave.smile.causal_lm.modeling import SMILE_CAUSAL_LMS, SMILE_PROJECTIONS
 from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
+from fusion_bench_pave.smile.linear import smile_layout
 from fusion_bench_pave.smile.svd import SvdMethod
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,11 @@ def smile_config_from(base: PretrainedConfig, num_local_experts: int, settings: 
 def _placeholder(w0: Tensor, b0: Tensor | None, num_experts: int, gate_k: int, k: int, dtype: torch.dtype) -> dict[str, Tensor]:
     """Zero router and experts for a projection no fine-tuned model changed (output = pretrained)."""
     m, n = w0.shape
-    out = {"weight": w0.to(dtype), "router": torch.zeros(num_experts, gate_k, n, dtype=dtype)}
-    if k > 0:
-        out |= {"expert_u": torch.zeros(num_experts, m, k, dtype=dtype), "expert_svh": torch.zeros(num_experts, k, n, dtype=dtype)}
-    else:
-        out["expert_weight"] = torch.zeros(num_experts, m, n, dtype=dtype)
-    if b0 is not None:
-        out |= {"bias": b0.to(dtype), "expert_bias": torch.zeros(num_experts, m, dtype=dtype)}
-    return out
+    pretrained = {"weight": w0, "bias": b0}
+    return {
+        key: pretrained[key].to(dtype) if key in pretrained else torch.zeros(shape, dtype=dtype)
+        for key, shape in smile_layout(n, m, num_experts, gate_k, k, b0 is not None).items()
+    }
 
 
 def _get(source: Mapping[str, Tensor], name: str, which: str) -> Tensor:
@@ -162,8 +160,8 @@ def upscale_causal_lm_checkpoint(
     config = smile_config_from(AutoConfig.from_pretrained(base_path), len(expert_paths), settings)
     if settings.model_dtype is not None:
         config.dtype = settings.model_dtype
-    base = SafetensorsCheckpoint(base_path)
-    experts = [SafetensorsCheckpoint(p) for p in expert_paths]
+    base = LazyTensors(base_path)
+    experts = [LazyTensors(p) for p in expert_paths]
     with atomic_output_dir(out_path, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, tensor in smile_causal_lm_tensors(base, experts, settings, progress):

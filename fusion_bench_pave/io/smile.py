@@ -6,7 +6,8 @@ of the pretrained architecture and loads the weights strictly (no pickles, no ``
 The directory deliberately has neither ``config.json`` nor ``model.safetensors``: a plain
 ``from_pretrained`` fails on it instead of loading the pretrained weights and dropping the experts
 (transformers falls back to a default config, which is CLIP ViT-B/32's). Format 1 checkpoints
-(weights in ``model.safetensors``) still load.
+(weights in ``model.safetensors``) still load. ``SMILE_FORMAT`` lets the model pools' atomic save
+write such models this way (registered by plugin.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import safetensors
 import safetensors.torch
 from torch import nn
 
-from fusion_bench_pave.atomic import atomic_output_dir
+from fusion_bench_pave.io.atomic import atomic_output_dir
+from fusion_bench_pave.io.formats import ModelFormat
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.upscale import set_module
 
@@ -52,6 +54,14 @@ def write_smile_files(model: nn.Module, directory: Path) -> None:
     """The weights and the manifest of ``model`` into the existing ``directory``."""
     safetensors.torch.save_model(model, str(directory / WEIGHTS))
     (directory / MANIFEST).write_text(json.dumps(smile_manifest(model), indent=2))
+
+
+SMILE_FORMAT = ModelFormat(
+    claims=needs_smile_format,
+    write=write_smile_files,
+    note=f"SMILE model saved as {MANIFEST} + {WEIGHTS} (no config.json, so from_pretrained cannot silently drop "
+    "the experts); reload it with fusion_bench_pave.io.smile.load_smile_model(pretrained_model, path)",
+)
 
 
 def save_smile_model(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
