@@ -271,7 +271,7 @@ def _sort_optimum(spectra, rho, floor_factor):
     """Oracle: drop the D globally smallest droppable (beyond-floor) components."""
     full_rank = len(spectra[0])
     drops = len(spectra) * full_rank - layer_total(full_rank, len(spectra), rho, floor_factor)
-    floor = floor_rank(full_rank, len(spectra), rho, floor_factor)
+    floor = floor_rank(full_rank, rho, floor_factor)
     candidates = sorted((s[i] ** 2, m) for m, s in enumerate(spectra) for i in range(floor, full_rank))
     kept = [full_rank] * len(spectra)
     for _, m in candidates[:drops]:
@@ -290,15 +290,15 @@ def test_greedy_equals_sort_optimum(seed):
     spectra = _random_spectra(num_models, full_rank, seed)
     kept = allocate_layer(spectra, rho)
     assert kept == _sort_optimum(spectra, rho, 1.5)
-    assert sum(kept) == max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, num_models, rho))
-    assert min(kept) >= floor_rank(full_rank, num_models, rho)
+    assert sum(kept) == max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, rho))
+    assert min(kept) >= floor_rank(full_rank, rho)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_greedy_equals_brute_force(seed):
     spectra = _random_spectra(3, 6, 50 + seed)
     for rho, budget in [(0.6, 10), (5 / 6, 14)]:  # 10.8 -> 10; 15 is an integer -> 14
-        floor = floor_rank(6, 3, rho)
+        floor = floor_rank(6, rho)
         assert rank_budget(6, 3, rho) == budget and 3 * floor <= budget
         feasible = [k for k in itertools.product(range(floor, 7), repeat=3) if sum(k) <= budget]
         best = min(_cost(spectra, k) for k in feasible)
@@ -338,11 +338,11 @@ def test_ties_go_to_the_lowest_model_index():
 
 
 def test_floor_formula_and_binding_floor():
-    assert floor_rank(32, 2, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
-    assert floor_rank(64, 8, 63 / 64) == 62
-    assert floor_rank(10, 2, 0.1) == 1  # clamped to one component
+    assert floor_rank(32, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
+    assert floor_rank(64, 63 / 64) == 62
+    assert floor_rank(10, 0.1) == 1  # clamped to one component
     # round(63/64 * 32) = 32: floor 32, so nothing is dropped although the budget is 95 of 96
-    assert floor_rank(32, 3, 63 / 64) == 32
+    assert floor_rank(32, 63 / 64) == 32
     spectra = _random_spectra(3, 32, 9)
     assert allocate_layer(spectra, 63 / 64) == [32, 32, 32]
     assert greedy_trim({m: torch.tensor(s) for m, s in enumerate(spectra)}, 32, 63 / 64) == {0: 32, 1: 32, 2: 32}

@@ -40,7 +40,7 @@ floor_factors = st.floats(0.0, 3.0, allow_nan=False)
 @given(spectra=layer_spectra(), rho=rhos, floor_factor=floor_factors)
 def test_allocation_spends_the_budget_respects_the_floor_and_is_optimal(spectra, rho, floor_factor):
     models, rank = len(spectra), len(spectra[0])
-    budget, floor = rank_budget(rank, models, rho), floor_rank(rank, models, rho, floor_factor)
+    budget, floor = rank_budget(rank, models, rho), floor_rank(rank, rho, floor_factor)
     if budget < models:  # rho too small for one component per model: a clear error
         try:
             allocate_layer(spectra, rho, floor_factor)

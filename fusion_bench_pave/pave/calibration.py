@@ -175,15 +175,26 @@ def load_calibration_dataset(
                 "(method.calibration_datasets.%s), which is used as given.", task, split, task,
             )
         return datasets.load_from_disk(source) if isinstance(source, str) else instantiate(source)
+    require_calibration_data(modelpool, task, configured, split)
     key, loader = SPLITS[split]
+    warn_test_leakage(task, split, f"the modelpool's {key}.{task}")
+    return getattr(modelpool, loader)(task)
+
+
+def require_calibration_data(modelpool: Any, task: str, configured: Optional[Mapping] = None, split: str = "train") -> None:
+    """ValueError unless `task` has calibration data: configured, or in the pool's `split` datasets
+    (checked for every task before any statistics are collected)."""
+    if split not in SPLITS:
+        raise ValueError(f"calibration_split must be one of {list(SPLITS)}, got {split!r}.")
+    if configured and task in configured:
+        return
+    key, _ = SPLITS[split]
     available = getattr(modelpool, f"_{key}", None)
     if not available or task not in available:
         raise ValueError(
             f"task '{task}' has no calibration data: add `{key}.{task}` to the modelpool config "
             f"(calibration_split={split!r}) or set `method.calibration_datasets.{task}` (a dataset path or config)."
         )
-    warn_test_leakage(task, split, f"the modelpool's {key}.{task}")
-    return getattr(modelpool, loader)(task)
 
 
 def warn_test_leakage(task: str, split: str, source: str) -> None:

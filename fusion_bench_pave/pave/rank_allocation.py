@@ -30,18 +30,18 @@ def rank_budget(full_rank: int, num_models: int, rho: float) -> int:
     return kept
 
 
-def floor_rank(full_rank: int, num_models: int, rho: float, floor_factor: float = 1.5) -> int:
+def floor_rank(full_rank: int, rho: float, floor_factor: float = 1.5) -> int:
     """Fewest components any model keeps: R - round(factor * (R - round(rho * R))), at least 1.
 
     The floor wins over the budget, as in the official search: when round(rho * R) rounds up to R
-    (R=32, rho=63/64) nothing is dropped, and rho=1 keeps every component. `num_models` is unused."""
+    (R=32, rho=63/64) nothing is dropped, and rho=1 keeps every component."""
     dropped = full_rank - round(rho * full_rank)
     return max(1, full_rank - round(floor_factor * dropped))
 
 
 def layer_total(full_rank: int, num_models: int, rho: float, floor_factor: float = 1.5) -> int:
     """Components one layer keeps over all models: the budget, or T floors where those are more."""
-    return max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, num_models, rho, floor_factor))
+    return max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, rho, floor_factor))
 
 
 def normalized_spectrum(singular_values: Tensor) -> list[float]:
@@ -58,7 +58,7 @@ def allocate_layer(spectra: Sequence[Sequence[float]], rho: float, floor_factor:
     full_rank = len(spectra[0])
     if any(len(s) != full_rank for s in spectra):
         raise ValueError("all models of a layer must have the same number of singular values")
-    floor = floor_rank(full_rank, len(spectra), rho, floor_factor)
+    floor = floor_rank(full_rank, rho, floor_factor)
     budget = rank_budget(full_rank, len(spectra), rho)
     if budget < len(spectra):
         raise ValueError(

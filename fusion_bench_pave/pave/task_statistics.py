@@ -43,6 +43,8 @@ class CollectionSettings:
     accumulate_dtype: Literal["float32", "float64"] = "float64"
     seed: int = 42
     exclude: tuple[str, ...] = ()
+    split: Literal["train", "validation", "test"] = "train"
+    padding: Literal["longest", "max_length"] = "longest"
 
     def includes(self, name: str, module: nn.Module) -> bool:
         """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
@@ -124,6 +126,8 @@ class TaskStatistics:
             "max_length": s.max_length,
             "dtype": s.accumulate_dtype,
             "exclude": list(s.exclude),
+            "split": s.split,
+            "padding": s.padding,
         }
 
     def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
@@ -131,7 +135,7 @@ class TaskStatistics:
         with several processes each takes a shard and the sums are all-reduced. Statistics from the
         cache (also right after saving them there) are read lazily from it."""
         settings, fabric = self.settings, self.fabric
-        dataset = load_calibration_dataset(self.modelpool, task, self.calibration_datasets)
+        dataset = load_calibration_dataset(self.modelpool, task, self.calibration_datasets, settings.split)
         indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
         parts = self.cache_parts(task, model, dataset) if self.cache is not None else None
         if parts is not None and (stats := self.cache.load(parts)) is not None:
@@ -150,7 +154,8 @@ class TaskStatistics:
             )
         mine = shard(indices, fabric.global_rank, fabric.world_size, settings.batch_size)
         batches = iter_batches(dataset, mine, self.preprocessor, model, task, batch_size=settings.batch_size,
-                               max_length=settings.max_length, mask_padding=settings.mask_padding)
+                               max_length=settings.max_length, mask_padding=settings.mask_padding,
+                               padding=settings.padding)
         batches = tqdm(batches, total=-(-len(mine) // settings.batch_size), desc=f"PAVE covariance [{task}]",
                        disable=not fabric.is_global_zero)
         stats = collect_covariance(model, batches, settings.includes, DTYPES[settings.accumulate_dtype],
