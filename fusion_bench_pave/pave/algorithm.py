@@ -39,6 +39,7 @@ from fusion_bench_pave.pave.calibration import (
 )
 from fusion_bench_pave.pave.config_checks import check_calibration_tasks, check_hyperparameters
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
+from fusion_bench_pave.pave.heads import head_modules
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.plot import save_rank_heatmap
 from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
@@ -123,6 +124,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         self._cache_hits: list[str] = []  # tasks whose covariance came from the cache in this run
         self.extras: dict[str, Any] = {}  # of the last run: see report_summary
         self._preprocessor_object: Any = None
+        self._heads: list[str] = []  # head_modules of the model check_purifiable saw (run: the pretrained)
 
     # ------------------------------------------------------------------ run
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
@@ -178,8 +180,9 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     # ---------------------------------------------------------- covariance
     @property
     def excluded_patterns(self) -> list[str]:
-        """Patterns of Linear modules kept unpurified: the configured ones, else the heads."""
-        return list(HEADS if self.exclude_modules is None else self.exclude_modules)
+        """Patterns of Linear modules kept unpurified: the configured ones, else the heads (HEADS and
+        the head_modules of the model check_purifiable saw)."""
+        return list(HEADS + self._heads if self.exclude_modules is None else self.exclude_modules)
 
     def _include(self, name: str, module: nn.Linear) -> bool:
         return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in self.excluded_patterns)
@@ -187,6 +190,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     def check_purifiable(self, model: nn.Module) -> None:
         """ValueError unless ``model`` has a Linear that exclude_modules leaves to purify: a run that
         purifies nothing would report the merger's result as PAVE's."""
+        self._heads = sorted(head_modules(model))
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         if not linears:
             raise ValueError(
