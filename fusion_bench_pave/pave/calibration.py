@@ -65,9 +65,11 @@ def find_column(dataset: Any, task: str) -> tuple[str, tuple[str, ...]]:
 
 
 def dataset_fingerprint(dataset: Any, task: str) -> str:
-    """Identity of a calibration dataset for the cache: HF fingerprint if it has one."""
+    """Identity of a calibration dataset for the cache: HF fingerprint if it has one, and the input
+    columns read from it (a sentence pair is read as a pair)."""
     fingerprint = getattr(dataset, "_fingerprint", None)
-    return f"{task}:{fingerprint or 'nofp'}:{len(dataset)}"
+    columns = ",".join(find_column(dataset, task)[1])
+    return f"{task}:{fingerprint or 'nofp'}:{len(dataset)}:{columns}"
 
 
 #: Tokenizer settings outside the serialised tokenizer that change the batches PAVE builds.
