@@ -11,8 +11,9 @@ Padding tokens are dropped with a per-batch token mask [batch, seq], applied to 
 token stream ([batch, seq, d], or flattened to [batch * seq, d]). Every row counts for inputs that
 are not: one row per sequence ([batch, d]: BERT's pooler and RoBERTa's classification head read the
 first token, which is a real token with right padding) and inputs shared by the whole batch
-([1, n, d] with batch > 1: DeBERTa's relative-position embeddings). With a batch of one (no padding
-under dynamic padding) every row counts. Any other shape is an error naming the Linear.
+([1, n, d]: DeBERTa's relative-position embeddings; with a batch of one, which cannot tell them from
+tokens, only if it has no padding, as under dynamic padding). Any other shape is an error naming the
+Linear.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ class CovarianceCollector:
             return rows[mask.reshape(-1)]
         batch = mask.shape[0]
         per_sequence = x.dim() == 2 and x.shape[0] == batch
-        shared = x.shape[0] == 1 and batch > 1
-        if per_sequence or shared or bool(mask.all()):
+        shared = x.shape[0] == 1 and (batch > 1 or bool(mask.all()))  # a batch of one: only if unpadded
+        if per_sequence or shared:
             return rows
         raise ValueError(
             f"Linear '{name}' received input of shape {tuple(x.shape)}, which is neither the token stream "
