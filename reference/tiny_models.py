@@ -59,6 +59,30 @@ def bert(seed: int = 0, pooler: bool = True, **config) -> nn.Module:
     return BertModel(BertConfig(**{**BERT, **config}), add_pooling_layer=pooler).eval()
 
 
+ENCODERS = {  # kind -> (transformers class prefix, config fields beyond BERT)
+    "bert": ("Bert", {}),
+    "roberta": ("Roberta", {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}),
+    # DeBERTa-v3's attention: relative positions in buckets, query/key projections shared with them
+    "deberta-v2": ("DebertaV2", {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 8,
+                                 "max_relative_positions": 16, "share_att_key": True, "norm_rel_ebd": "layer_norm",
+                                 "position_biased_input": False, "pooler_hidden_size": TOWER["hidden_size"]}),
+}
+
+
+def encoder(kind: str = "bert", seed: int = 0, num_labels: int | None = None, **config) -> nn.Module:
+    """A BERT, RoBERTa or DeBERTa-v2 encoder (``kind``): the bare ``*Model`` (BERT with its pooler), or
+    ``*ForSequenceClassification`` with ``num_labels`` outputs (1: regression)."""
+    import transformers
+
+    prefix, fields = ENCODERS[kind]
+    settings = {**BERT, **fields, **config}
+    if num_labels is not None:
+        settings["num_labels"] = num_labels
+    cls = getattr(transformers, f"{prefix}Model" if num_labels is None else f"{prefix}ForSequenceClassification")
+    torch.manual_seed(seed)
+    return cls(getattr(transformers, f"{prefix}Config")(**settings)).eval()
+
+
 def tokenizer(words: list[str] = WORDS):
     """A word-level fast tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then ``words``."""
     return word_tokenizer(words, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})

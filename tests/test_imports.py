@@ -9,8 +9,8 @@ import sys
 import pytest
 
 MATH_MODULES = [
-    "fusion_bench_pave.pave.covariance", "fusion_bench_pave.pave.regularize", "fusion_bench_pave.pave.purify",
-    "fusion_bench_pave.pave.rank_allocation", "fusion_bench_pave.pave.offload",
+    "fusion_bench_pave.pave.covariance", "fusion_bench_pave.pave.heads", "fusion_bench_pave.pave.regularize",
+    "fusion_bench_pave.pave.purify", "fusion_bench_pave.pave.rank_allocation", "fusion_bench_pave.pave.offload",
     "fusion_bench_pave.smile.svd", "fusion_bench_pave.smile.decompose", "fusion_bench_pave.smile.linear",
     "fusion_bench_pave.smile.upscale", "fusion_bench_pave.pave.purification", "fusion_bench_pave.tensor_checks",
     "fusion_bench_pave.io.atomic", "fusion_bench_pave.io.safetensors",

@@ -26,6 +26,7 @@ from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_ke
 from fusion_bench_pave.pave.calibration import require_calibration_data
 from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_task_names
 from fusion_bench_pave.pave.covariance import CovarianceStats
+from fusion_bench_pave.pave.heads import head_modules
 from fusion_bench_pave.pave.models import LinearWeights, check_compatible, check_purifiable, dare_, on_device, pool_with_models
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.purification import PurifySettings, purifiable_layers, purify
@@ -88,7 +89,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
                 or "relative" (eps = relative_alpha * mean diag C).
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
-                None means the classifier heads in HEADS, [] purifies every Linear.
+                None means the task heads (pave/heads.py: Linears outside a Hugging Face model's
+                body, the output embeddings, and any Linear named as in HEADS), [] purifies every Linear.
             calibration_datasets: optional {task: dataset path or config} overriding the pool's
                 splits; every task named must be a fine-tuned model of the pool.
             calibration_split: the pool's datasets calibration reads: "train" (train_datasets),
@@ -120,17 +122,19 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         super().__init__(**kwargs)
         self.extras: dict[str, Any] = {}  # of the last run: see report.run_extras
 
-    @property
-    def excluded_patterns(self) -> list[str]:
-        """Patterns of Linear modules kept unpurified: the configured ones, else the heads."""
-        return list(HEADS if self.exclude_modules is None else self.exclude_modules)
+    def excluded_patterns(self, model: nn.Module) -> list[str]:
+        """Patterns of the Linear modules of `model` kept unpurified: the configured ones, else its
+        heads (HEADS and pave.heads.head_modules)."""
+        if self.exclude_modules is not None:
+            return list(self.exclude_modules)
+        return HEADS + sorted(head_modules(model))
 
-    @property
-    def collection(self) -> CollectionSettings:
+    def collection(self, model: nn.Module) -> CollectionSettings:
+        """How statistics of models shaped like `model` are collected."""
         return CollectionSettings(
             num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
             max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
-            seed=self.seed, exclude=tuple(self.excluded_patterns), split=self.calibration_split,
+            seed=self.seed, exclude=tuple(self.excluded_patterns(model)), split=self.calibration_split,
             padding=self.calibration_padding)
 
     @property
@@ -138,14 +142,14 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
 
-    def statistics(self, modelpool: BaseModelPool) -> TaskStatistics:
-        """The statistics source of one run over `modelpool` (cache opened once, before any work)."""
+    def statistics(self, modelpool: BaseModelPool, model: nn.Module) -> TaskStatistics:
+        """The statistics source of one run over `modelpool`, whose models are shaped like `model`."""
         cache = open_run_cache(self.cache_dir, self.fabric)
-        return TaskStatistics(modelpool, self.collection, self.fabric, cache, self.calibration_datasets)
+        return TaskStatistics(modelpool, self.collection(model), self.fabric, cache, self.calibration_datasets)
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of one task, as a run collects them."""
-        return self.statistics(modelpool)(task, model)
+        return self.statistics(modelpool, model)(task, model)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
         if not isinstance(modelpool, BaseModelPool):
@@ -157,11 +161,11 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         purified = [task for task in tasks if self.purify_tasks is None or task in self.purify_tasks]
         for task in purified:
             require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
-        statistics = self.statistics(modelpool)
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
-        check_purifiable(pretrained, self.collection.includes, self.excluded_patterns)
+        statistics = self.statistics(modelpool, pretrained)
+        check_purifiable(pretrained, statistics.settings.includes, self.excluded_patterns(pretrained))
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
 
@@ -198,7 +202,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         layer at a time. Returns the kept ranks {task: {layer: r}} and full ranks {layer: R}."""
         if not purifiable_layers(stats):
             raise ValueError(
-                f"none of the Linears that exclude_modules={self.excluded_patterns} leaves to purify ran "
+                f"none of the Linears that exclude_modules={self.exclude_modules} leaves to purify ran "
                 "a forward pass during calibration in every model, so PAVE would purify nothing."
             )
         weights = {task: LinearWeights(model) for task, model in finetuned.items()}

@@ -1,9 +1,9 @@
 """Turn a task's calibration split (train by default) into model inputs for covariance collection.
 
-Image datasets (column `image`) go through the pool's CLIP processor; text datasets (column `text`)
-through its tokenizer, with the attention mask as the token mask. Encoder-decoder models also get
-decoder inputs (the input text shifted right), masked with the same attention mask, which covers
-only real tokens of the shifted sequence.
+Image datasets (column `image`) go through the pool's CLIP processor; text datasets (one text column,
+or a GLUE sentence pair: fusion_bench_pave.text_columns) through its tokenizer, with the attention mask
+as the token mask. Encoder-decoder models also get decoder inputs (the input text shifted right),
+masked with the same attention mask, which covers only real tokens of the shifted sequence.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer
 
 from fusion_bench_pave.io.fingerprint import cache_key
+from fusion_bench_pave.text_columns import TEXT_COLUMNS, TEXT_PAIRS, text_columns
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img")
-TEXT_COLUMNS = ("text", "sentence", "content")
 
 
 def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> list[int]:
@@ -47,28 +47,32 @@ def shard(indices: Sequence[int], rank: int, world_size: int, batch_size: int) -
     return [i for batch in batches[rank::world_size] for i in batch]
 
 
-def find_column(dataset: Any, task: str) -> tuple[str, str]:
-    """('image'|'text', column name) of the model input column."""
+def find_column(dataset: Any, task: str) -> tuple[str, tuple[str, ...]]:
+    """('image', (column,)) or ('text', (column,) or a sentence pair) of the model input."""
     if not hasattr(dataset, "column_names"):
         raise ValueError(
             f"task '{task}': calibration data must be a Hugging Face datasets.Dataset with an image "
             f"or text column, got {type(dataset).__name__}."
         )
     columns = list(dataset.column_names)
-    for kind, names in (("image", IMAGE_COLUMNS), ("text", TEXT_COLUMNS)):
-        for name in names:
-            if name in columns:
-                return kind, name
+    image = next((name for name in IMAGE_COLUMNS if name in columns), None)
+    if image is not None:
+        return "image", (image,)
+    text = text_columns(columns)
+    if text is not None:
+        return "text", text
     raise ValueError(
         f"task '{task}': calibration dataset has columns {columns}, none of which is an image "
-        f"{IMAGE_COLUMNS} or text {TEXT_COLUMNS} column."
+        f"{IMAGE_COLUMNS} or text {TEXT_COLUMNS} column or a sentence pair {TEXT_PAIRS}."
     )
 
 
 def dataset_fingerprint(dataset: Any, task: str) -> str:
-    """Identity of a calibration dataset for the cache: HF fingerprint if it has one."""
+    """Identity of a calibration dataset for the cache: HF fingerprint if it has one, and the input
+    columns read from it (a sentence pair is read as a pair)."""
     fingerprint = getattr(dataset, "_fingerprint", None)
-    return f"{task}:{fingerprint or 'nofp'}:{len(dataset)}"
+    columns = ",".join(find_column(dataset, task)[1])
+    return f"{task}:{fingerprint or 'nofp'}:{len(dataset)}:{columns}"
 
 
 #: Tokenizer settings outside the serialised tokenizer that change the batches PAVE builds.
@@ -124,21 +128,24 @@ def iter_batches(
     are rows of the covariance, as in the official code."""
     if padding not in ("longest", "max_length"):
         raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}.")
-    kind, column = find_column(dataset, task)
+    kind, columns = find_column(dataset, task)
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     for start in range(0, len(indices), batch_size):
-        rows = dataset.select(indices[start : start + batch_size])[column]
+        rows = dataset.select(indices[start : start + batch_size])
         if kind == "image":
-            images = [image.convert("RGB") for image in rows]
+            images = [image.convert("RGB") for image in rows[columns[0]]]
             pixels = preprocessor(images=images, return_tensors="pt")["pixel_values"]
             yield {"pixel_values": pixels.to(device=device, dtype=dtype)}, None
             continue
         encoded = preprocessor(
-            list(rows), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
+            *(list(rows[c]) for c in columns), padding=padding, truncation=True, max_length=max_length,
+            return_tensors="pt",
         )
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in encoded and len(columns) == 2:  # BERT's segment ids of a pair
+            inputs["token_type_ids"] = encoded["token_type_ids"]
         decoder_ids = encoder_decoder_inputs(model, input_ids)
         if decoder_ids is not None:
             inputs["decoder_input_ids"] = decoder_ids

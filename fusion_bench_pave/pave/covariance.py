@@ -2,9 +2,18 @@
 
 Activations are never stored: each hook folds its batch into a running [in, in] sum. Linears that
 consume the very same input tensor in one forward (q/k/v, gate/up, T5 cross-attention k/v) share one
-sum, computed once. Padding tokens are dropped with a per-batch token mask. The sums update only
-the lower triangle, one block row at a time (about half the flops of X^T X as one GEMM), mirrored
-when the collector exits.
+sum, computed once. A Linear called on several tensors in one forward (DeBERTa's query/key
+projections also read the relative-position embeddings; ALBERT reuses one layer) gets the sum over
+all of them. The sums update only the lower triangle, one block row at a time (about half the flops
+of X^T X as one GEMM), mirrored when the collector exits.
+
+Padding tokens are dropped with a per-batch token mask [batch, seq], applied to inputs that are the
+token stream ([batch, seq, d], or flattened to [batch * seq, d]). Every row counts for inputs that
+are not: one row per sequence ([batch, d]: BERT's pooler and RoBERTa's classification head read the
+first token, which is a real token with right padding) and inputs shared by the whole batch
+([1, n, d]: DeBERTa's relative-position embeddings; with a batch of one, which cannot tell them from
+tokens, only if it has no padding, as under dynamic padding). Any other shape is an error naming the
+Linear.
 """
 
 from __future__ import annotations
@@ -94,7 +103,9 @@ class CovarianceCollector:
         self.max_rows = max_rows
         self.stats = CovarianceStats()
         self._mask: Optional[Tensor] = None
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}  # this forward: id(input) -> its key
+        self._calls: dict[str, list[str]] = {}  # this forward: Linear -> keys of the inputs it read
+        self._inputs: dict[str, tuple[str, ...]] = {}  # Linear -> keys of its inputs in every forward
         self._handles: list = []
 
     def __enter__(self) -> "CovarianceCollector":
@@ -108,11 +119,16 @@ class CovarianceCollector:
             handle.remove()
         self._handles.clear()
         self._seen.clear()
+        if exc[0] is not None:  # the statistics are discarded; let the original error through
+            return
+        self._end_forward()
+        self._combine_inputs()
         for xtx in self.stats.xtx.values():  # each sum holds its lower triangle until here
             symmetrize_(xtx)
 
     def set_token_mask(self, mask: Optional[Tensor]) -> None:
         """Start a new forward; `mask` (bool, [batch, seq]) marks the tokens to count, None = all."""
+        self._end_forward()
         self._mask = None if mask is None else mask.bool()
         self._seen.clear()
 
@@ -123,42 +139,72 @@ class CovarianceCollector:
         return self.max_rows is not None and bool(counts) and min(counts) >= self.max_rows
 
     def _rows(self, name: str, x: Tensor) -> Tensor:
+        """The rows of input `x` of Linear `name` that count (see the module docstring)."""
         rows = x.reshape(-1, x.shape[-1])
-        if self._mask is None:
+        mask = self._mask
+        if mask is None:
             return rows
-        if self._mask.numel() != rows.shape[0]:
-            raise ValueError(
-                f"Linear '{name}' received {rows.shape[0]} tokens (input shape {tuple(x.shape)}) but the "
-                f"attention mask covers {self._mask.numel()}; this architecture reshapes tokens, so "
-                "disable padding masking (mask_padding=false) for it."
-            )
-        return rows[self._mask.reshape(-1)]
+        if rows.shape[0] == mask.numel():  # the token stream
+            return rows[mask.reshape(-1)]
+        batch = mask.shape[0]
+        per_sequence = x.dim() == 2 and x.shape[0] == batch
+        shared = x.shape[0] == 1 and (batch > 1 or bool(mask.all()))  # a batch of one: only if unpadded
+        if per_sequence or shared:
+            return rows
+        raise ValueError(
+            f"Linear '{name}' received input of shape {tuple(x.shape)}, which is neither the token stream "
+            f"(mask {tuple(mask.shape)}), one row per sequence ([{batch}, d]) nor shared by the batch "
+            "([1, n, d]), so its padding rows cannot be told apart; disable padding masking "
+            "(mask_padding=false) or exclude this Linear (exclude_modules)."
+        )
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             x = args[0]
+            calls = self._calls.setdefault(name, [])
             seen = self._seen.get(id(x))
             if seen is not None and seen[0]() is x:
-                source = seen[1]
+                key = seen[1]
             else:
-                source = name
+                key = name if not calls else f"{name}#{len(calls)}"
                 rows = self._rows(name, x.detach())
                 if self.max_rows is not None:
-                    rows = rows[: max(0, self.max_rows - self.stats.count.get(name, 0))]
+                    rows = rows[: max(0, self.max_rows - self.stats.count.get(key, 0))]
                 rows = rows.to(self.dtype)
-                if name not in self.stats.xtx:
-                    self.stats.xtx[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
-                add_gram_(self.stats.xtx[name], rows)
-                self.stats.count[name] = self.stats.count.get(name, 0) + rows.shape[0]
-                self._seen[id(x)] = (weakref.ref(x), name)
-            previous = self.stats.input_of.setdefault(name, source)
-            if previous != source:
-                raise RuntimeError(
-                    f"Linear '{name}' shared its input with '{previous}' in one batch and with "
-                    f"'{source}' in another; covariance sharing must be stable across batches."
-                )
+                if key not in self.stats.xtx:
+                    self.stats.xtx[key] = rows.new_zeros(rows.shape[1], rows.shape[1])
+                add_gram_(self.stats.xtx[key], rows)
+                self.stats.count[key] = self.stats.count.get(key, 0) + rows.shape[0]
+                self._seen[id(x)] = (weakref.ref(x), key)
+            calls.append(key)
 
         return hook
+
+    def _end_forward(self) -> None:
+        """Check that every Linear read the same inputs as in the first forward."""
+        for name, keys in self._calls.items():
+            previous = self._inputs.setdefault(name, tuple(keys))
+            if previous != tuple(keys):
+                raise RuntimeError(
+                    f"Linear '{name}' read the inputs {list(previous)} in one batch and {keys} in another; "
+                    "covariance sharing must be stable across batches."
+                )
+        self._calls.clear()
+
+    def _combine_inputs(self) -> None:
+        """Point each Linear at one sum: its single input's, or a new sum over its several inputs
+        (keys joined by '+'); sums no Linear reads alone are dropped."""
+        xtx, count = self.stats.xtx, self.stats.count
+        for name, keys in self._inputs.items():
+            key = keys[0] if len(keys) == 1 else "+".join(keys)
+            if key not in xtx:
+                xtx[key] = xtx[keys[0]].clone()
+                for part in keys[1:]:
+                    xtx[key] += xtx[part]
+                count[key] = sum(count[k] for k in keys)
+            self.stats.input_of[name] = key
+        for key in set(xtx) - set(self.stats.input_of.values()):
+            del xtx[key], count[key]
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 from fusion_bench_pave import plugin  # noqa: F401  (compat repair before fusion_bench imports)
 
+from fusion_bench_pave.taskpool.classification_heads_taskpool import ClassificationHeadsTaskPool
 from fusion_bench_pave.taskpool.clip_taskpool import CLIPVisionTaskPool
 from fusion_bench_pave.taskpool.label_words_taskpool import LabelWordsTaskPool
 from fusion_bench_pave.taskpool.sentence_encoder_taskpool import SentenceEncoderTaskPool
 
-__all__ = ["CLIPVisionTaskPool", "LabelWordsTaskPool", "SentenceEncoderTaskPool"]
+__all__ = ["ClassificationHeadsTaskPool", "CLIPVisionTaskPool", "LabelWordsTaskPool", "SentenceEncoderTaskPool"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
+from fusion_bench_pave.taskpool.classification_heads_taskpool import ClassificationHeadsTaskPool
 from fusion_bench_pave.taskpool.label_words_taskpool import LabelWordsTaskPool
 from fusion_bench_pave.taskpool.sentence_encoder_taskpool import SentenceEncoderTaskPool
 
@@ -25,6 +26,7 @@ TASKPOOL_MODELS = (
     (CLIPVisionModelTaskPool, IMAGE_MODEL),
     (LabelWordsTaskPool, LANGUAGE_MODEL),
     (SentenceEncoderTaskPool, TEXT_ENCODER),
+    (ClassificationHeadsTaskPool, TEXT_ENCODER),
 )
 
 

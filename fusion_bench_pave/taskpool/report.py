@@ -35,9 +35,9 @@ def evaluate_tasks(
     score: Callable[[nn.Module, str, Any], dict[str, float]],
     name: str | None = None,
 ) -> dict[str, Any]:
-    """``score(module, task, dataset) -> {"accuracy", "loss"}`` for every task, each with the module
-    that computes it (``for_task``), plus ``model_info`` and the task average, as FusionBench's CLIP
-    task pool reports them."""
+    """``score(module, task, dataset) -> {metric: value}`` for every task, each with the module that
+    computes it (``for_task``), plus ``model_info`` and the task average of every metric all tasks
+    report, as FusionBench's CLIP task pool reports them."""
     if not datasets:
         raise ValueError("the task pool has no test datasets; set `test_datasets` in the taskpool config")
     trainable, total = count_parameters(model)
@@ -52,5 +52,6 @@ def evaluate_tasks(
         report[task] = score(for_task(model, task), task, dataset)
         log.info(f"{task}: {report[task]}")
     tasks = [v for k, v in report.items() if k != "model_info"]
-    report["average"] = {key: sum(t[key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")}
+    common = [key for key in tasks[0] if all(key in t for t in tasks)]
+    report["average"] = {key: sum(t[key] for t in tasks) / len(tasks) for key in common}
     return report
