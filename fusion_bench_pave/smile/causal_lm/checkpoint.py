@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,6 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+# safetensors header dtype -> torch dtype
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+# the files beside the weights that a merged or upscaled model keeps: tokenizer and generation settings
+TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model|vocab\..*|merges\.txt|chat_template\..*)")
 
 
 def open_safetensors(file: Path):
@@ -49,6 +57,12 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         with open_safetensors(self._files[name]) as f:
             return f.get_tensor(name)
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of tensor ``name``, from the file's header (no data read)."""
+        with open_safetensors(self._files[name]) as f:
+            piece = f.get_slice(name)
+            return torch.Size(piece.get_shape()), DTYPES[piece.get_dtype()]
 
     def __contains__(self, name: object) -> bool:  # without loading the tensor (Mapping's default would)
         return name in self._files
@@ -99,3 +113,10 @@ class ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the tokenizer and generation files of the model directory ``source`` into ``target``."""
+    for file in Path(source).iterdir():
+        if file.is_file() and TOKENIZER_FILES.fullmatch(file.name) and file.name != INDEX:
+            shutil.copy2(file, Path(target) / file.name)
