@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fusion_bench_pave.merging.dare import random_drop, skip_draws
 from fusion_bench_pave.merging.kth_magnitude import KthMagnitude
 from fusion_bench_pave.merging.task_arithmetic import task_arithmetic
-from fusion_bench_pave.merging.ties import MERGE_FUNCS, MergeFunc, majority_sign, sign_votes, ties_merge, trim, trim_rank
+from fusion_bench_pave.merging.ties import MERGE_FUNCS, MergeFunc, keep_fraction, majority_sign, sign_votes, ties_merge, trim, trim_rank
 
 #: (tensor name, pretrained tensor, task vectors) -> task vectors; must be deterministic (runs every pass)
 TaskVectorTransform = Callable[[str, Tensor, list[Tensor]], list[Tensor]]
@@ -47,6 +47,9 @@ class Ties:
     def __post_init__(self) -> None:
         if self.merge_func not in MERGE_FUNCS:
             raise ValueError(f"unknown TIES merge_func {self.merge_func!r}; choose one of {MERGE_FUNCS}")
+        if not 0 <= keep_fraction(self.threshold) < 1:
+            raise ValueError(f"TIES threshold {self.threshold} must keep a fraction in [0, 1) of each task's "
+                             "entries: a fraction below 1 or a percentage below 100")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ def tensor_spec(tensors: Mapping[str, Tensor], name: str) -> tuple[torch.Size, t
     return tensor.shape, tensor.dtype
 
 
+def _describe(spec: tuple[torch.Size, torch.dtype]) -> str:
+    return f"{list(spec[0])} {str(spec[1]).removeprefix('torch.')}"
+
+
 class TaskVectorStream:
     """Per-tensor task vectors of ``finetuned`` against ``pretrained``, in ``plan.order``, identical in
     every pass. Validates names, shapes and dtypes of all checkpoints first (headers only)."""
@@ -109,8 +116,9 @@ class TaskVectorStream:
                                  f"{'; ' if missing and extra else ''}{'unexpected ' + ', '.join(extra[:5]) if extra else ''}; "
                                  "all models must have the tensors of the pretrained architecture")
             for name in plan.order if tensors is not pretrained else ():
-                if tensor_spec(tensors, name) != self.specs[name]:
-                    raise ValueError(f"{label}: {name} is {tensor_spec(tensors, name)}, the pretrained one {self.specs[name]}")
+                if (spec := tensor_spec(tensors, name)) != self.specs[name]:
+                    raise ValueError(f"{label}: {name} is {_describe(spec)}, the pretrained one {_describe(self.specs[name])}; "
+                                     "all models must have the pretrained architecture")
         self._states = self._generator_states() if dare is not None else []
 
     def _generator_states(self) -> list[Tensor]:
