@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm
-from fusion_bench.method.dare import DareTiesMerging
+from fusion_bench.method.dare import DareTaskArithmetic, DareTiesMerging
 from fusion_bench.modelpool import BaseModelPool
 from transformers import AutoModelForCausalLM
 
@@ -84,6 +84,14 @@ def test_dare_ties_reproduces_fusion_benchs_random_masks(family, only_on_linear_
     other_seed = streamed(root, f"dare_seed_{only_on_linear_weights}", Ties(0.6, 0.3), dare=Dare(0.5, True, only_on_linear_weights, seed=8))
     key = "model.layers.1.mlp.up_proj.weight"
     assert not torch.equal(other_seed.get_parameter(key), expected.get_parameter(key))
+
+
+def test_dare_task_arithmetic(family):
+    pre, fts, root = family
+    torch.manual_seed(3)
+    expected = DareTaskArithmetic(scaling_factor=0.4, sparsity_ratio=0.6, only_on_linear_weights=True).run(pool(pre, fts))
+    merged = streamed(root, "dare_ta", TaskArithmetic(0.4), dare=Dare(0.6, only_on_linear_weights=True, seed=3))
+    assert_bit_equal(merged, expected)
 
 
 def test_output_is_sharded_loadable_with_config_and_tokenizer(family):

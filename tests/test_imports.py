@@ -12,7 +12,8 @@ MATH_MODULES = [
     "fusion_bench_pave.pave.covariance", "fusion_bench_pave.pave.regularize", "fusion_bench_pave.pave.purify",
     "fusion_bench_pave.pave.rank_allocation", "fusion_bench_pave.pave.stats_file", "fusion_bench_pave.pave.offload",
     "fusion_bench_pave.smile.svd", "fusion_bench_pave.smile.decompose", "fusion_bench_pave.smile.linear",
-    "fusion_bench_pave.smile.upscale",
+    "fusion_bench_pave.smile.upscale", "fusion_bench_pave.merging.task_arithmetic", "fusion_bench_pave.merging.ties",
+    "fusion_bench_pave.merging.dare", "fusion_bench_pave.merging.kth_magnitude", "fusion_bench_pave.merging.stream",
 ]
 HEAVY = ["fusion_bench", "omegaconf", "hydra", "lightning", "matplotlib", "transformers", "datasets"]
 

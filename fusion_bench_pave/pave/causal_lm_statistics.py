@@ -66,13 +66,13 @@ def _embedded_batches(model: nn.Module, checkpoint: Mapping[str, Tensor], names:
     out, rows = [], 0
     try:
         for inputs, mask in batches:
-            if max_rows is not None and rows >= max_rows:
-                break
             inputs = {key: value.to(device) for key, value in inputs.items()}
             hidden = base(**inputs, use_cache=False).last_hidden_state
             out.append(_Batch(hidden, None if mask is None else mask.to(device),
                               [recorder.calls.pop() for recorder in recorders]))
             rows += _calibration_tokens(mask, inputs)
+            if max_rows is not None and rows >= max_rows:
+                break
     finally:
         release_module_(base.embed_tokens)
         base.layers, base.norm, base.rotary_emb = layers, norm, rotary
