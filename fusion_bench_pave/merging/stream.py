@@ -112,9 +112,8 @@ class TaskVectorStream:
             missing = [name for name in plan.order if name not in tensors]
             extra = [name for name in tensors if name not in known]
             if missing or extra:
-                raise ValueError(f"{label}: {'missing ' + ', '.join(missing[:5]) if missing else ''}"
-                                 f"{'; ' if missing and extra else ''}{'unexpected ' + ', '.join(extra[:5]) if extra else ''}; "
-                                 "all models must have the tensors of the pretrained architecture")
+                problems = [f"{what} {', '.join(names[:5])}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+                raise ValueError(f"{label}: {'; '.join(problems)}; all models must have the tensors of the pretrained architecture")
             for name in plan.order if tensors is not pretrained else ():
                 if (spec := tensor_spec(tensors, name)) != self.specs[name]:
                     raise ValueError(f"{label}: {name} is {_describe(spec)}, the pretrained one {_describe(self.specs[name])}; "
@@ -127,10 +126,10 @@ class TaskVectorStream:
         draws = [(self.specs[name][0].numel(), self.specs[name][1]) for name in self.plan.order
                  if name in self.plan.drawn]
         generator = torch.Generator().manual_seed(self.dare.seed)
-        states = []
-        for _ in self.finetuned:
-            states.append(generator.get_state())
+        states = [generator.get_state()]
+        for _ in self.finetuned[1:]:
             skip_draws(generator, draws)
+            states.append(generator.get_state())
         return states
 
     @property
