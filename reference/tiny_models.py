@@ -41,11 +41,11 @@ def t5(seed: int = 0, **config) -> nn.Module:
 
 
 def decoder(kind: str = "mistral", seed: int = 0, lm_head: bool = True, **config) -> nn.Module:
-    """A Mistral or Qwen2 decoder (grouped-query attention, gated MLP): ``*ForCausalLM``, or the bare
-    ``MistralModel`` / ``Qwen2Model`` without ``lm_head``."""
+    """A Mistral, Llama or Qwen2 decoder (grouped-query attention, gated MLP): ``*ForCausalLM``, or the
+    bare ``MistralModel`` / ``LlamaModel`` / ``Qwen2Model`` without ``lm_head``."""
     import transformers
 
-    name = {"mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    name = {"mistral": "Mistral", "llama": "Llama", "qwen2": "Qwen2"}[kind]
     cls = getattr(transformers, f"{name}ForCausalLM" if lm_head else f"{name}Model")
     torch.manual_seed(seed)
     return cls(getattr(transformers, f"{name}Config")(**{**DECODER, **config})).eval()

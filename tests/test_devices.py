@@ -5,7 +5,6 @@ correctness half of benchmarks/gpu_check.sh."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from lightning import Fabric
 from pave_helpers import make_pool
@@ -61,7 +60,7 @@ def test_statistics_on_the_device_equal_stored_float64_activations(device):
 
 
 def test_purification_on_the_device_equals_the_cpu(device):
-    model, batches = mlp(), [torch.randn(40, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    batches = [torch.randn(40, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     tasks = {f"task{t}": mlp(seed=t + 1) for t in range(2)}
     stats = {t: statistics_on(torch.device("cpu"), m, batches) for t, m in tasks.items()}
     weights = {t: {l: m.get_submodule(l.removeprefix("net.")).weight.data for l in stats[t].layers}

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import struct
 import weakref
 import zlib
@@ -40,6 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 CHECKSUMS = "crc32"  # metadata key: JSON {tensor name: CRC-32 of its bytes}
 INDEX = "model.safetensors.index.json"
+# the files beside a checkpoint's weights that a merged or upscaled model keeps: tokenizer and generation settings
+TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model|vocab\..*|merges\.txt|chat_template\..*)")
 
 
 def host(tensor: Tensor) -> Tensor:
@@ -199,6 +203,11 @@ class LazyTensors(Mapping[str, Tensor]):
     def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default would)
         return name in self._entries
 
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of tensor ``name``, from the header (no data read)."""
+        entry = self._entries[name]
+        return torch.Size(entry.shape), entry.dtype
+
     def verify(self) -> None:
         """Read every tensor once (one at a time) and check it: ValueError on the first mismatch."""
         for name in self._entries:
@@ -260,3 +269,10 @@ class ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the tokenizer and generation files of the model directory ``source`` into ``target``."""
+    for file in Path(source).iterdir():
+        if file.is_file() and TOKENIZER_FILES.fullmatch(file.name) and file.name != INDEX:
+            shutil.copy2(file, Path(target) / file.name)

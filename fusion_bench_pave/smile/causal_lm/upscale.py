@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from fusion_bench_pave.io.atomic import atomic_output_dir
-from fusion_bench_pave.io.safetensors import INDEX, LazyTensors, ShardWriter
+from fusion_bench_pave.io.safetensors import LazyTensors, ShardWriter, copy_tokenizer_files
 from fusion_bench_pave.smile.causal_lm.configuration import SMILE_CONFIGS
 from fusion_bench_pave.smile.causal_lm.modeling import SMILE_CAUSAL_LMS, SMILE_PROJECTIONS
 from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
@@ -136,9 +135,6 @@ def smile_causal_lm_tensors(
     log.info("SMILE: upscaled %d of %d projections (the rest got zero experts)", changed, n_proj)
 
 
-_AUX_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model|vocab\..*|merges\.txt|chat_template\..*)")
-
-
 def upscale_causal_lm_checkpoint(
     base_path: str | os.PathLike,
     expert_paths: Sequence[str | os.PathLike],
@@ -168,9 +164,7 @@ def upscale_causal_lm_checkpoint(
             writer.add(name, tensor)
         writer.close()
         config.save_pretrained(tmp)
-        for file in base_path.iterdir():
-            if file.is_file() and _AUX_FILES.fullmatch(file.name) and file.name != INDEX:
-                shutil.copy2(file, tmp / file.name)
+        copy_tokenizer_files(base_path, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out_path)

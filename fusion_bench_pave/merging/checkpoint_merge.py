@@ -1,0 +1,88 @@
+"""Merge causal-LM safetensors checkpoints tensor by tensor into a sharded checkpoint.
+
+The model's structure (state-dict names in module order, tied weights, which parameters are nn.Linear
+weights) comes from its config, on the meta device; tensors are read lazily, merged by
+``merging.stream`` and written by ``ShardWriter`` into an atomic output directory, with the
+pretrained model's config and tokenizer files, that ``AutoModelForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from collections.abc import Container, Sequence
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoConfig
+
+from fusion_bench_pave.io.atomic import atomic_output_dir, refuse_replacing_dir
+from fusion_bench_pave.causal_lm_skeleton import meta_causal_lm, stored_names
+from fusion_bench_pave.merging.stream import (
+    Dare,
+    MergePlan,
+    TaskArithmetic,
+    TaskVectorStream,
+    TaskVectorTransform,
+    Ties,
+    merged_tensors,
+)
+from fusion_bench_pave.io.safetensors import LazyTensors, ShardWriter, copy_tokenizer_files
+
+
+def merge_plan(model: nn.Module, stored: Container[str], dare: Dare | None = None) -> MergePlan:
+    """The plan of a merge of ``model``'s architecture from checkpoints holding the names ``stored``:
+    DARE's tensors first, in the order FusionBench draws their masks (every parameter in
+    ``named_parameters`` order, or each nn.Linear's weight in ``named_modules`` order), then the rest
+    in state-dict order."""
+    if buffers := [name for name, _ in model.named_buffers() if name in model.state_dict()]:
+        raise ValueError(f"persistent buffers ({', '.join(buffers[:5])}) are not task-vector entries in "
+                         "FusionBench's merges; this architecture is not supported")
+    names = stored_names(model, stored)
+    drawn: list[str] = []
+    if dare is not None and dare.only_on_linear_weights:
+        drawn = [names[f"{name}.weight"] for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    elif dare is not None:
+        drawn = [names[name] for name, _ in model.named_parameters()]
+    if len(set(drawn)) != len(drawn):
+        repeated = [name for name, count in Counter(drawn).items() if count > 1]
+        raise ValueError(f"{', '.join(repeated)}: shared by several nn.Linear modules; DARE would drop from it twice")
+    order = drawn + [name for name in dict.fromkeys(names.values()) if name not in set(drawn)]
+    return MergePlan(tuple(order), Counter(names.values()), frozenset(drawn))
+
+
+def merge_causal_lm_checkpoints(
+    pretrained_path: str | os.PathLike,
+    finetuned_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    method: TaskArithmetic | Ties,
+    *,
+    dare: Dare | None = None,
+    transform: TaskVectorTransform | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge the fine-tuned checkpoints into ``out_path`` (written atomically; an existing directory is
+    replaced only with ``overwrite`` and only if we wrote it) with ``method``, after DARE's drop if
+    ``dare`` and ``transform`` of each tensor's task vectors if given. Validates every checkpoint's
+    tensor names, shapes and dtypes (file headers) before reading any weight."""
+    pretrained_path = Path(pretrained_path)
+    refuse_replacing_dir(out_path, overwrite)
+    config = AutoConfig.from_pretrained(pretrained_path)
+    for path in finetuned_paths:
+        if (model_type := AutoConfig.from_pretrained(path).model_type) != config.model_type:
+            raise ValueError(f"{path}: model type {model_type!r}, the pretrained model's is {config.model_type!r}")
+    pretrained = LazyTensors(pretrained_path)
+    stream = TaskVectorStream(pretrained, [LazyTensors(path) for path in finetuned_paths],
+                              merge_plan(meta_causal_lm(config), pretrained, dare), dare, transform,
+                              labels=[str(path) for path in finetuned_paths])
+    with atomic_output_dir(out_path, overwrite) as staging:
+        writer = ShardWriter(staging, max_shard_bytes)
+        for name, tensor in merged_tensors(stream, method, progress):
+            writer.add(name, tensor)
+        writer.close()
+        shutil.copy2(pretrained_path / "config.json", staging / "config.json")
+        copy_tokenizer_files(pretrained_path, staging)
+    return Path(out_path)

@@ -1,0 +1,190 @@
+"""Task-vector merges streamed one tensor at a time, in as many passes as the method needs.
+
+A ``MergePlan`` says which tensors to merge, in which order, how often each counts in the whole-model
+vector (tied weights count once per state-dict name, as FusionBench flattens state dicts), and which
+ones DARE drops from. ``TaskVectorStream`` yields, tensor by tensor, the task vectors theta_t - theta_pre,
+DARE-dropped and then passed through an optional per-tensor transform (where PAVE's purification goes),
+and restarts identically for every pass. Task Arithmetic needs one pass; TIES needs one per 16-bit
+digit of the dtype to find each task's exact magnitude threshold (``kth_magnitude``), one to count
+the sign votes, and one to merge. Only one tensor's pretrained, fine-tuned and task-vector copies are
+in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fusion_bench_pave.merging.dare import random_drop, skip_draws
+from fusion_bench_pave.merging.kth_magnitude import KthMagnitude
+from fusion_bench_pave.merging.task_arithmetic import task_arithmetic
+from fusion_bench_pave.merging.ties import MERGE_FUNCS, MergeFunc, keep_fraction, majority_sign, sign_votes, ties_merge, trim, trim_rank
+
+#: (tensor name, pretrained tensor, task vectors) -> task vectors; must be deterministic (runs every pass)
+TaskVectorTransform = Callable[[str, Tensor, list[Tensor]], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """theta_pre + scaling_factor * sum of task vectors (FusionBench's ``TaskArithmeticAlgorithm``)."""
+
+    scaling_factor: float
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES-Merging with FusionBench's ``TiesMergingAlgorithm`` parameters (``threshold``: fraction, or
+    percentage if above 1, of each task's entries kept, by magnitude over the whole model)."""
+
+    scaling_factor: float
+    threshold: float
+    merge_func: MergeFunc = "sum"
+
+    def __post_init__(self) -> None:
+        if self.merge_func not in MERGE_FUNCS:
+            raise ValueError(f"unknown TIES merge_func {self.merge_func!r}; choose one of {MERGE_FUNCS}")
+        if not 0 <= keep_fraction(self.threshold) < 1:
+            raise ValueError(f"TIES threshold {self.threshold} must keep a fraction in [0, 1) of each task's "
+                             "entries: a fraction below 1 or a percentage below 100")
+
+
+@dataclass(frozen=True)
+class Dare:
+    """DARE's random drop of task-vector entries, with FusionBench's ``DareTiesMerging`` parameters
+    (``only_on_linear_weights``: drop from the weights of nn.Linear modules only, else from every
+    parameter; the plan's ``drawn`` lists them), drawn from a CPU generator seeded with ``seed`` (as
+    FusionBench draws from torch's global generator after ``torch.manual_seed(seed)``)."""
+
+    sparsity_ratio: float
+    rescale: bool = True
+    only_on_linear_weights: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity_ratio <= 1:
+            raise ValueError(f"DARE sparsity_ratio must be in [0, 1], got {self.sparsity_ratio}")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """``order``: the tensor names, in processing order (DARE's draws first, in their order);
+    ``multiplicity``: name -> how many state-dict entries hold it; ``drawn``: names DARE drops from."""
+
+    order: tuple[str, ...]
+    multiplicity: Mapping[str, int]
+    drawn: frozenset[str] = frozenset()
+
+
+def tensor_spec(tensors: Mapping[str, Tensor], name: str) -> tuple[torch.Size, torch.dtype]:
+    """Shape and dtype of ``tensors[name]``, from the file header when the mapping offers ``spec``."""
+    if hasattr(tensors, "spec"):
+        return tensors.spec(name)
+    tensor = tensors[name]
+    return tensor.shape, tensor.dtype
+
+
+def _describe(spec: tuple[torch.Size, torch.dtype]) -> str:
+    return f"{list(spec[0])} {str(spec[1]).removeprefix('torch.')}"
+
+
+class TaskVectorStream:
+    """Per-tensor task vectors of ``finetuned`` against ``pretrained``, in ``plan.order``, identical in
+    every pass. Validates names, shapes and dtypes of all checkpoints first (headers only)."""
+
+    def __init__(self, pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], plan: MergePlan,
+                 dare: Dare | None = None, transform: TaskVectorTransform | None = None,
+                 labels: Sequence[str] | None = None) -> None:
+        if not finetuned:
+            raise ValueError("no fine-tuned models given; merging needs at least one")
+        self.pretrained, self.finetuned, self.plan = pretrained, list(finetuned), plan
+        self.dare, self.transform = dare, transform
+        labels = list(labels or [f"fine-tuned model #{i}" for i in range(len(finetuned))])
+        self.specs = {name: tensor_spec(pretrained, name) for name in plan.order}
+        for name, (shape, dtype) in self.specs.items():
+            if not dtype.is_floating_point:
+                raise ValueError(f"{name}: dtype {dtype}; task-vector merging needs floating-point tensors")
+        known = set(plan.order)
+        for label, tensors in [("the pretrained model", pretrained), *zip(labels, self.finetuned)]:
+            missing = [name for name in plan.order if name not in tensors]
+            extra = [name for name in tensors if name not in known]
+            if missing or extra:
+                problems = [f"{what} {', '.join(names[:5])}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+                raise ValueError(f"{label}: {'; '.join(problems)}; all models must have the tensors of the pretrained architecture")
+            for name in plan.order if tensors is not pretrained else ():
+                if (spec := tensor_spec(tensors, name)) != self.specs[name]:
+                    raise ValueError(f"{label}: {name} is {_describe(spec)}, the pretrained one {_describe(self.specs[name])}; "
+                                     "all models must have the pretrained architecture")
+        self._states = self._generator_states() if dare is not None else []
+
+    def _generator_states(self) -> list[Tensor]:
+        """Task t's generator state: seeded, then past the draws of tasks 0..t-1 (FusionBench drops
+        task after task from one global generator)."""
+        draws = [(self.specs[name][0].numel(), self.specs[name][1]) for name in self.plan.order
+                 if name in self.plan.drawn]
+        generator = torch.Generator().manual_seed(self.dare.seed)
+        states = [generator.get_state()]
+        for _ in self.finetuned[1:]:
+            skip_draws(generator, draws)
+            states.append(generator.get_state())
+        return states
+
+    @property
+    def dtypes(self) -> set[torch.dtype]:
+        return {dtype for _, dtype in self.specs.values()}
+
+    def vectors(self, desc: str, progress: bool = True) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
+        """One pass: (name, pretrained tensor, task vectors) for every tensor of the plan."""
+        generators = [torch.Generator().set_state(state) for state in self._states]
+        for name in tqdm(self.plan.order, desc=desc, disable=not progress, dynamic_ncols=True):
+            pretrained = self.pretrained[name]
+            vectors = []
+            for t, tensors in enumerate(self.finetuned):
+                vector = tensors[name] - pretrained
+                if self.dare is not None and name in self.plan.drawn:
+                    vector = random_drop(vector, self.dare.sparsity_ratio, self.dare.rescale, generators[t])
+                vectors.append(vector)
+            if self.transform is not None:
+                vectors = self.transform(name, pretrained, vectors)
+            yield name, pretrained, vectors
+
+
+def ties_thresholds(stream: TaskVectorStream, threshold: float, progress: bool = True) -> Tensor:
+    """Each task's magnitude threshold over the whole model ([T]): FusionBench's ``kthvalue`` over the
+    flattened task vector, found exactly in one pass per 16-bit digit of the dtype."""
+    if len(stream.dtypes) != 1:
+        raise ValueError("TIES flattens the whole model into one vector; its tensors must share one dtype, "
+                         f"found {sorted(map(str, stream.dtypes))}")
+    (dtype,) = stream.dtypes
+    multiplicity = stream.plan.multiplicity
+    rank = trim_rank(sum(stream.specs[name][0].numel() * multiplicity[name] for name in stream.plan.order), threshold)
+    selectors = [KthMagnitude(dtype) for _ in stream.finetuned]
+    digits = dtype.itemsize // 2
+    for digit in range(digits):
+        for name, _, vectors in stream.vectors(f"TIES thresholds, pass {digit + 1}/{digits + 2}", progress):
+            for selector, vector in zip(selectors, vectors):
+                for _ in range(multiplicity[name]):
+                    selector.add(vector)
+        for selector in selectors:
+            selector.end_pass(rank)
+    return torch.stack([selector.value for selector in selectors])
+
+
+def merged_tensors(stream: TaskVectorStream, method: TaskArithmetic | Ties,
+                   progress: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, merged tensor) for every tensor of the stream's plan, in its order."""
+    if isinstance(method, TaskArithmetic):
+        for name, pretrained, vectors in stream.vectors("Task Arithmetic", progress):
+            yield name, task_arithmetic(pretrained, vectors, method.scaling_factor)
+        return
+    thresholds = ties_thresholds(stream, method.threshold, progress)
+    passes = thresholds.dtype.itemsize // 2 + 2
+    votes = 0
+    for name, _, vectors in stream.vectors(f"TIES sign votes, pass {passes - 1}/{passes}", progress):
+        votes += sign_votes(trim(vectors, thresholds)) * stream.plan.multiplicity[name]
+    majority = majority_sign(votes)
+    for name, pretrained, vectors in stream.vectors(f"TIES merge, pass {passes}/{passes}", progress):
+        yield name, ties_merge(pretrained, trim(vectors, thresholds), majority, method.scaling_factor, method.merge_func)
