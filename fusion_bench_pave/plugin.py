@@ -1,6 +1,6 @@
 """Everything this package changes in the process, in one place: the transformers-5 repair of
 fusion_bench 0.2.33's imports, the OmegaConf resolvers our yaml uses, the registration of
-Smile{Mistral,Llama,Qwen2}ForCausalLM with transformers' Auto classes, and of SMILE's file format
+Smile{Mistral,Llama,Qwen2,Gemma2,Phi3}ForCausalLM with transformers' Auto classes, and of SMILE's file format
 with the model pools' atomic save.
 
 Imported by the Hydra search-path plugin (so every ``fusion_bench`` run has it before any config is

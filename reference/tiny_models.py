@@ -20,6 +20,13 @@ from fusion_bench_pave.assets.tiny_tasks import IMAGE_SIZE
 CLIP_VISION = dict(TOWER, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8)
 T5 = dict(T5_SHAPE, vocab_size=50, decoder_start_token_id=0, pad_token_id=0)
 DECODER = dict(DECODER_SHAPE, vocab_size=64)
+# what the tiny decoder shape needs beyond DECODER per family: Gemma2 narrower than its default 256-wide
+# heads and 4096 sliding window, tied like its checkpoints; Phi3 without its pad id 32000 (outside the vocabulary)
+DECODER_KINDS = {
+    "gemma2": dict(head_dim=DECODER["hidden_size"] // DECODER["num_attention_heads"], query_pre_attn_scalar=8, sliding_window=4,
+                   pad_token_id=0, tie_word_embeddings=True),
+    "phi3": dict(pad_token_id=0, eos_token_id=1),
+}
 BERT = dict(TOWER, num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -41,14 +48,15 @@ def t5(seed: int = 0, **config) -> nn.Module:
 
 
 def decoder(kind: str = "mistral", seed: int = 0, lm_head: bool = True, **config) -> nn.Module:
-    """A Mistral, Llama or Qwen2 decoder (grouped-query attention, gated MLP): ``*ForCausalLM``, or the
-    bare ``MistralModel`` / ``LlamaModel`` / ``Qwen2Model`` without ``lm_head``."""
+    """A Mistral, Llama, Qwen2, Gemma2 or Phi3 decoder (grouped-query attention, gated MLP; Phi3's
+    fused qkv_proj / gate_up_proj): ``*ForCausalLM``, or the bare ``*Model`` without ``lm_head``.
+    Input and output embeddings are untied unless ``tie_word_embeddings=True``."""
     import transformers
 
-    name = {"mistral": "Mistral", "llama": "Llama", "qwen2": "Qwen2"}[kind]
+    name = {"mistral": "Mistral", "llama": "Llama", "qwen2": "Qwen2", "gemma2": "Gemma2", "phi3": "Phi3"}[kind]
     cls = getattr(transformers, f"{name}ForCausalLM" if lm_head else f"{name}Model")
     torch.manual_seed(seed)
-    return cls(getattr(transformers, f"{name}Config")(**{**DECODER, **config})).eval()
+    return cls(getattr(transformers, f"{name}Config")(**{**DECODER, **DECODER_KINDS.get(kind, {}), **config})).eval()
 
 
 def bert(seed: int = 0, pooler: bool = True, **config) -> nn.Module:

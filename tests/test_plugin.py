@@ -53,11 +53,13 @@ def test_importing_the_plugin_registers_smile_causal_lms_in_a_fresh_interpreter(
     code = (
         "import fusion_bench_pave.plugin\n"
         "from transformers import AutoConfig, AutoModelForCausalLM\n"
-        "for t in ('smile_mistral', 'smile_llama', 'smile_qwen2'):\n"
+        "for t in ('smile_mistral', 'smile_llama', 'smile_qwen2', 'smile_gemma2', 'smile_phi3'):\n"
         "    config = AutoConfig.for_model(t, vocab_size=32, hidden_size=16, intermediate_size=32,\n"
-        "        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, rank_of_expert=4, rank_of_router=2)\n"
+        "        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,\n"
+        "        rank_of_expert=4, rank_of_router=2)\n"
         "    print(type(AutoModelForCausalLM.from_config(config)).__name__)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["SmileMistralForCausalLM", "SmileLlamaForCausalLM", "SmileQwen2ForCausalLM"]
+    assert proc.stdout.split() == ["SmileMistralForCausalLM", "SmileLlamaForCausalLM", "SmileQwen2ForCausalLM",
+                                 "SmileGemma2ForCausalLM", "SmilePhi3ForCausalLM"]

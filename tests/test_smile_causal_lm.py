@@ -85,20 +85,25 @@ def test_top1_dense_single_expert_reproduces_the_finetuned_model(mistral_family)
                                fts[0].model.layers[0].self_attn.k_proj(torch.eye(32)), rtol=1e-5, atol=1e-5)
 
 
-def test_projection_equals_fusion_bench_upscale_to_smile_linear(mistral_family):
+def assert_projections_equal_fusion_bench(pre, fts, names: list[str]) -> None:
+    """Our upscaled projections ``names`` of layer 0 equal FusionBench's ``upscale_to_smile_linear`` of them."""
     from fusion_bench.models.smile_moe.linear_from_hf_config import SmileLinear as FusionBenchSmileLinear
     from fusion_bench.models.smile_moe.linear_from_hf_config import upscale_to_smile_linear
 
-    pre, fts, _ = mistral_family
     ours = upscale_causal_lm(pre, fts, SMILE, progress=False)
-    cfg = SmileMistralConfig(num_local_experts=3, **SMILE_KWARGS)
-    for name in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]:
+    cfg = SmileMistralConfig(num_local_experts=len(fts), **SMILE_KWARGS)
+    for name in names:
         base = pre.model.layers[0].get_submodule(name)
         target = FusionBenchSmileLinear(cfg, base.in_features, base.out_features, bias=False)
         upscale_to_smile_linear(copy.deepcopy(base), [copy.deepcopy(m.model.layers[0].get_submodule(name)) for m in fts], target)
         xi = torch.randn(3, 7, base.in_features)
         with torch.no_grad():
             torch.testing.assert_close(ours.model.layers[0].get_submodule(name)(xi), target(xi), rtol=1e-5, atol=1e-5)
+
+
+def test_projection_equals_fusion_bench_upscale_to_smile_linear(mistral_family):
+    pre, fts, _ = mistral_family
+    assert_projections_equal_fusion_bench(pre, fts, ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
 
 
 def test_qwen2_with_biases_round_trips(tmp_path):
@@ -192,3 +197,52 @@ def test_hub_ids_resolve_to_snapshots_and_stream(tmp_path, mistral_family, monke
     pool = CausalLMPool({"_pretrained_": "org/base", "ft0": "org/ft0", "ft1": "org/ft1"}, tokenizer=None)
     model = SmileMistralUpscalingAlgorithm(**SMILE_KWARGS).run(pool)
     assert streamed and streamed[0][0] == root / "base" and model.config.num_local_experts == 2
+
+
+# kind -> config overrides: Gemma2 ties its embeddings by default, Phi3 has fused qkv_proj / gate_up_proj
+FAMILIES = {"gemma2": {}, "phi3": {}, "llama": dict(tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """Pretrained + 2 fine-tuned tiny decoders of one family (layer 1 MLP untouched), saved as safetensors."""
+    kind = request.param
+    pre = decoder(kind, **FAMILIES[kind])
+    fts = noisy_copies(pre, 2, only=PROJ, skip=r"layers\.1\.mlp")
+    root = tmp_path_factory.mktemp(kind)
+    for name, model in [("base", pre), ("ft0", fts[0]), ("ft1", fts[1])]:
+        model.save_pretrained(root / name)
+    return kind, pre, fts, root
+
+
+def test_family_auto_class_round_trip_and_streaming_equals_in_memory(tmp_path, family):
+    kind, pre, fts, root = family
+    in_memory = upscale_causal_lm(pre, fts, SMILE, progress=False)
+    assert type(in_memory).__name__ == f"Smile{type(pre).__name__}" and in_memory.config.model_type == f"smile_{kind}"
+    assert in_memory.config.tie_word_embeddings == pre.config.tie_word_embeddings
+    in_memory.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert type(reloaded) is type(in_memory)
+    assert torch.equal(logits(reloaded), logits(in_memory))
+    streamed = AutoModelForCausalLM.from_pretrained(
+        upscale_causal_lm_checkpoint(root / "base", [root / "ft0", root / "ft1"], tmp_path / "streamed", SMILE, progress=False)).eval()
+    assert torch.equal(logits(streamed), logits(in_memory))  # the same smile_tensors ops on the same tensors
+    assert (logits(streamed) - logits(pre)).abs().max() > 1e-3
+    smile_layers = [n for n, m in streamed.named_modules() if isinstance(m, SmileLinear)]
+    plain_projections = [n for n, _ in pre.named_modules() if n.endswith("_proj")]
+    assert smile_layers == plain_projections  # every projection, fused ones as one layer each
+    if pre.config.tie_word_embeddings:
+        assert streamed.lm_head.weight.data_ptr() == streamed.model.embed_tokens.weight.data_ptr()
+
+
+def test_family_top1_dense_single_expert_reproduces_the_finetuned_model(family):
+    _, pre, fts, _ = family
+    model = upscale_causal_lm(pre, fts[:1], SmileSettings(rank_of_router=2, rank_of_expert=0), progress=False)
+    torch.testing.assert_close(logits(model), logits(fts[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_phi3_fused_projections_equal_fusion_bench_upscale_to_smile_linear():
+    """Phi3's fused qkv_proj / gate_up_proj are upscaled as the single Linears they are, as FusionBench's
+    upscale_to_smile_linear upscales any Linear (FusionBench has no SMILE Phi3 model to compare with)."""
+    pre = decoder("phi3")
+    assert_projections_equal_fusion_bench(pre, noisy_copies(pre, 3, only=PROJ), ["self_attn.qkv_proj", "mlp.gate_up_proj"])

@@ -6,7 +6,7 @@
 - ``decompose.smile_tensors``: one layer's SMILE tensors from W0 and the fine-tuned W_i.
 - ``upscale.upscale_model``: any model (CLIP, T5, ...) -> every changed nn.Linear becomes SmileLinear.
 - ``record``: the settings and input fingerprints stored with a saved model, checked before reuse.
-- ``causal_lm``: Smile{Mistral,Llama,Qwen2}ForCausalLM (registered with the Auto classes on import)
+- ``causal_lm``: Smile{Mistral,Llama,Qwen2,Gemma2,Phi3}ForCausalLM (registered with the Auto classes on import)
   and the streaming safetensors upscaler.
 - ``algorithm``: the FusionBench classes behind ``method=smile_upscaling`` and
   ``method=smile_mistral_upscaling``.

@@ -142,7 +142,7 @@ def safetensors_checkpoint_dir(modelpool: BaseModelPool, name: str) -> Path | No
 
 @auto_register_config
 class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
-    """SMILE-upscale a Mistral / Llama / Qwen2 causal LM into a ``Smile*ForCausalLM``.
+    """SMILE-upscale a Mistral / Llama / Qwen2 / Gemma2 / Phi3 causal LM into a ``Smile*ForCausalLM``.
 
     When every pool entry is a safetensors checkpoint (local directory or hub id) they are streamed
     tensor by tensor (peak memory independent of depth) into ``model_path`` (or a temporary directory),

@@ -1,15 +1,15 @@
 """Configs of SMILE causal LMs: the base architecture's config plus the four SMILE fields.
 
-Field names match FusionBench's ``SmileMistralConfig`` (``num_experts_per_tok``,
-``rank_of_router``, ``rank_of_expert``, ``num_local_experts``); ``rank_of_expert <= 0`` means
-dense experts.
+Field names match FusionBench's ``SmileMistralConfig`` / ``SmileGemma2Config``
+(``num_experts_per_tok``, ``rank_of_router``, ``rank_of_expert``, ``num_local_experts``) and so
+do the model types (``smile_<base model_type>``); ``rank_of_expert <= 0`` means dense experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 from transformers.configuration_utils import strict
 
 
@@ -24,23 +24,21 @@ class SmileFields:
     num_local_experts: int = 1
 
 
-@strict
-class SmileMistralConfig(MistralConfig, SmileFields):
-    model_type = "smile_mistral"
-    base_model_tp_plan = {}  # SmileLinear has no tensor-parallel plan
+def smile_config(base: type) -> type:
+    """``Smile<base>``: the transformers config class ``base`` plus the SMILE fields, model type
+    ``smile_<base model type>`` and no tensor-parallel plan (SmileLinear has none)."""
+    namespace = {"model_type": f"smile_{base.model_type}", "base_model_tp_plan": {}, "__module__": __name__}
+    return strict(type(f"Smile{base.__name__}", (base, SmileFields), namespace))
 
 
-@strict
-class SmileLlamaConfig(LlamaConfig, SmileFields):
-    model_type = "smile_llama"
-    base_model_tp_plan = {}
-
-
-@strict
-class SmileQwen2Config(Qwen2Config, SmileFields):
-    model_type = "smile_qwen2"
-    base_model_tp_plan = {}
-
+SmileMistralConfig = smile_config(MistralConfig)
+SmileLlamaConfig = smile_config(LlamaConfig)
+SmileQwen2Config = smile_config(Qwen2Config)
+SmileGemma2Config = smile_config(Gemma2Config)
+SmilePhi3Config = smile_config(Phi3Config)
 
 # base model_type -> SMILE config class
-SMILE_CONFIGS: dict[str, type] = {"mistral": SmileMistralConfig, "llama": SmileLlamaConfig, "qwen2": SmileQwen2Config}
+SMILE_CONFIGS: dict[str, type] = {
+    c.model_type.removeprefix("smile_"): c
+    for c in (SmileMistralConfig, SmileLlamaConfig, SmileQwen2Config, SmileGemma2Config, SmilePhi3Config)
+}

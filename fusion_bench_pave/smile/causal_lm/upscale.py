@@ -1,4 +1,4 @@
-"""SMILE upscaling of Mistral / Llama / Qwen2-style causal LMs, in memory or streamed from safetensors.
+"""SMILE upscaling of Mistral / Llama / Qwen2 / Gemma2 / Phi3 causal LMs, in memory or streamed from safetensors.
 
 The core is a generator over (name, tensor) pairs of the SMILE model's state dict that reads the
 pretrained and fine-tuned tensors one projection at a time from any ``Mapping[str, Tensor]`` (a
@@ -23,16 +23,13 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from fusion_bench_pave.io.atomic import atomic_output_dir
 from fusion_bench_pave.io.safetensors import LazyTensors, ShardWriter, copy_tokenizer_files
 from fusion_bench_pave.smile.causal_lm.configuration import SMILE_CONFIGS
-from fusion_bench_pave.smile.causal_lm.modeling import SMILE_CAUSAL_LMS, SMILE_PROJECTIONS
+from fusion_bench_pave.smile.causal_lm.modeling import SMILE_CAUSAL_LMS, SMILE_PROJECTIONS, projection_pattern
 from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
 from fusion_bench_pave.smile.linear import smile_layout
 from fusion_bench_pave.smile.svd import SvdMethod
 
 log = logging.getLogger(__name__)
 
-_PROJ = "|".join(re.escape(p) for p in SMILE_PROJECTIONS)
-PROJECTION_WEIGHT = re.compile(rf"(?:.*\.)?layers\.\d+\.(?:{_PROJ})\.weight")
-PROJECTION_BIAS = re.compile(rf"(?:.*\.)?layers\.\d+\.(?:{_PROJ})\.bias")
 _NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path")
 
 
@@ -53,7 +50,7 @@ class SmileSettings:
 
 
 def smile_config_from(base: PretrainedConfig, num_local_experts: int, settings: SmileSettings) -> PretrainedConfig:
-    """The SMILE config for a base Mistral / Llama / Qwen2 config."""
+    """The SMILE config for a base Mistral / Llama / Qwen2 / Gemma2 / Phi3 config."""
     if base.model_type not in SMILE_CONFIGS:
         raise ValueError(f"SMILE causal-LM upscaling supports model types {sorted(SMILE_CONFIGS)}, got {base.model_type!r}")
     if num_local_experts < 1:
@@ -89,26 +86,31 @@ def smile_causal_lm_tensors(
     base: Mapping[str, Tensor],
     experts: Sequence[Mapping[str, Tensor]],
     settings: SmileSettings,
+    model_type: str,
     progress: bool = True,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield the SMILE causal LM's tensors in ``base``'s order; raise if no projection changed.
 
-    Decoder projections become ``SmileLinear`` tensors (``<proj>.weight``, ``.router``,
-    ``.expert_u``, ...); every other tensor (embeddings, norms, lm_head) is the pretrained one.
+    The decoder projections of the ``model_type`` family (``SMILE_PROJECTIONS``) become
+    ``SmileLinear`` tensors (``<proj>.weight``, ``.router``, ``.expert_u``, ...); every other
+    tensor (embeddings, norms, lm_head) is the pretrained one.
     """
     if not experts:
         raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
     rank_of_router, rank_of_expert, dtype = settings.rank_of_router, settings.rank_of_expert, settings.model_dtype
+    projection_weight = projection_pattern(SMILE_PROJECTIONS[model_type], ".weight")
+    projection_bias = projection_pattern(SMILE_PROJECTIONS[model_type], ".bias")
     names = list(base)
-    n_proj = sum(bool(PROJECTION_WEIGHT.fullmatch(n)) for n in names)
+    n_proj = sum(bool(projection_weight.fullmatch(n)) for n in names)
     if n_proj == 0:
-        raise ValueError("no decoder projections (layers.<i>.self_attn.q_proj.weight, ...) found in the pretrained checkpoint")
+        raise ValueError(f"no {model_type} decoder projections (layers.<i>.{SMILE_PROJECTIONS[model_type][0]}.weight, ...) "
+                         "found in the pretrained checkpoint")
     changed = 0
     bar = tqdm(total=n_proj, desc="SMILE upscaling projections", disable=not progress, dynamic_ncols=True)
     for name in names:
-        if PROJECTION_BIAS.fullmatch(name):
+        if projection_bias.fullmatch(name):
             continue  # emitted with its weight
-        if not PROJECTION_WEIGHT.fullmatch(name):
+        if not projection_weight.fullmatch(name):
             tensor = base[name]
             yield name, tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
             continue
@@ -160,7 +162,7 @@ def upscale_causal_lm_checkpoint(
     experts = [LazyTensors(p) for p in expert_paths]
     with atomic_output_dir(out_path, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for name, tensor in smile_causal_lm_tensors(base, experts, settings, progress):
+        for name, tensor in smile_causal_lm_tensors(base, experts, settings, config.model_type.removeprefix("smile_"), progress):
             writer.add(name, tensor)
         writer.close()
         config.save_pretrained(tmp)
@@ -180,7 +182,8 @@ def upscale_causal_lm(
 ) -> PreTrainedModel:
     """In-memory variant of :func:`upscale_causal_lm_checkpoint` for already loaded models."""
     config = smile_config_from(pretrained.config, len(finetuned), settings)
-    state = dict(smile_causal_lm_tensors(pretrained.state_dict(), [m.state_dict() for m in finetuned], settings, progress))
+    state = dict(smile_causal_lm_tensors(pretrained.state_dict(), [m.state_dict() for m in finetuned], settings,
+                                         pretrained.config.model_type, progress))
     model = SMILE_CAUSAL_LMS[pretrained.config.model_type](config).to(settings.model_dtype or pretrained.dtype)
     model.load_state_dict(state, strict=True)
     return model.to(pretrained.device).eval()
