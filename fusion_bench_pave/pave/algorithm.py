@@ -159,13 +159,13 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         check_task_names("calibration_datasets", self.calibration_datasets, tasks)
         check_task_names("purify_tasks", self.purify_tasks, tasks)
         purified = [task for task in tasks if self.purify_tasks is None or task in self.purify_tasks]
-        for task in purified:
-            require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
         statistics = self.statistics(modelpool, pretrained)
         check_purifiable(pretrained, statistics.settings.includes, self.excluded_patterns(pretrained))
+        for task in purified:
+            require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
 
