@@ -5,14 +5,16 @@ regularize.py (C + eps I), purify.py (context SVD, projection U_r U_r^T W of one
 rank_allocation.py (spectral rank allocation), purification.py (a pool's {task: {layer: W}} ->
 purified weights and ranks, layer by layer). Around it: task_statistics.py (each task's statistics:
 cache, DDP shards, checks), models.py (Linear weights of nn.Modules, compatibility checks, DARE),
-cache.py (on-disk covariance cache of io/statistics.py files), offload.py (statistics on disk or in memory), calibration.py (train split ->
-model inputs), report.py, plot.py, and algorithm.py (the `PAVE` FusionBench class).
+cache.py (on-disk covariance cache of io/statistics.py task files), offload.py (statistics on disk or in memory), calibration.py (train split ->
+model inputs), report.py, plot.py, algorithm.py (the `PAVE` FusionBench class) and statistics_algorithm.py
+(`PAVEStatistics`: a pool's statistics written once to a directory PAVE reads).
 
 Usage: ``fusion_bench method=pave_ties modelpool=... taskpool=...`` (also pave_ta, pave_dare_ties,
-pave_emr), or ``PAVE(merger={...}, rho=...).run(modelpool)``.
+pave_emr), or ``PAVE(merger={...}, rho=...).run(modelpool)``; ``fusion_bench method=pave_statistics
+modelpool=... method.output_dir=DIR`` then ``method.statistics=DIR`` measures once, merges many.
 """
 
-__all__ = ["PAVE"]
+__all__ = ["PAVE", "PAVEStatistics"]
 
 
 def __getattr__(name: str):
@@ -22,4 +24,8 @@ def __getattr__(name: str):
         from fusion_bench_pave.pave.algorithm import PAVE
 
         return PAVE
+    if name == "PAVEStatistics":
+        from fusion_bench_pave.pave.statistics_algorithm import PAVEStatistics
+
+        return PAVEStatistics
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

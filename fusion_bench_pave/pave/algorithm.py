@@ -3,8 +3,9 @@ task-vector merger (TA, TIES, DARE+TIES, EMR, ...) unchanged on the purified mod
 
 Purified models are W_pre + tau_tilde = W_tilde for hooked Linear weights and W_ft for everything
 else, so the merger's own `W - W_pre` yields the purified task vectors. The work is done by
-task_statistics (statistics per task), purification (pure math over {task: {layer: W}}) and models
-(checks, DARE); this class loads, calls them, writes back and reports.
+task_statistics (statistics per task: collected, cached or from a statistics directory),
+purification (pure math over {task: {layer: W}}) and models (checks, DARE); this class loads,
+calls them, writes back and reports.
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ from fusion_bench_pave.pave.purification import PurifySettings, purifiable_layer
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
 from fusion_bench_pave.pave.report import report_summary, run_extras, write_extras
-from fusion_bench_pave.pave.task_statistics import CollectionSettings, TaskStatistics, open_run_cache
+from fusion_bench_pave.pave.task_statistics import (
+    CollectionKeys, CollectionSettings, StoredStatistics, TaskStatistics, open_run_cache,
+)
 from fusion_bench_pave.taskpool.compatibility import check_taskpool_fits
 
 log = logging.getLogger(__name__)
 
-HEADS = ["lm_head", "classifier", "score"]
 PURIFY, COLLECT = PurifySettings(), CollectionSettings()  # the defaults
 
 
 @auto_register_config
-class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
+class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     """Purify task vectors in the knowledge-aware subspace, then merge with `merger`."""
 
     def __init__(
@@ -65,6 +67,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         dare: Optional[DictConfig] = None,
         seed: int = COLLECT.seed,
         cache_dir: Optional[str] = None,
+        statistics: Optional[str] = None,
         covariance_offload: Offload = "auto",
         report_extras: bool = True,
         **kwargs: Any,
@@ -84,7 +87,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
                 or "relative" (eps = relative_alpha * mean diag C).
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
-                None means the classifier heads in HEADS, [] purifies every Linear.
+                None means the classifier heads (task_statistics.HEADS), [] purifies every Linear.
             calibration_datasets: optional {task: dataset path or config} overriding the train
                 splits; every task named must be a fine-tuned model of the pool.
             dare: optional {sparsity_ratio, rescale, only_on_linear_weights}: DARE drop+rescale of
@@ -92,6 +95,10 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             seed: seed of calibration sampling and DARE.
             cache_dir: directory of the covariance cache (None disables it). One that cannot be
                 created is skipped with a warning; a read-only one is read, not written.
+            statistics: optional directory written by method=pave_statistics: each task's statistics
+                are read from it (no calibration data or preprocessor needed; the collection keys
+                above and cache_dir are then unused). Statistics of another model, a task it lacks
+                or a Linear to purify that it excluded are refused before any purification.
             covariance_offload: where the statistics of all tasks wait for purification, which
                 reads one layer's covariances at a time: "memory", "disk" (the cache files, else a
                 temporary directory under TMPDIR removed at the end of the run) or "auto" (disk
@@ -109,41 +116,36 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         self.extras: dict[str, Any] = {}  # of the last run: see report.run_extras
 
     @property
-    def excluded_patterns(self) -> list[str]:
-        """Patterns of Linear modules kept unpurified: the configured ones, else the heads."""
-        return list(HEADS if self.exclude_modules is None else self.exclude_modules)
-
-    @property
-    def collection(self) -> CollectionSettings:
-        return CollectionSettings(self.num_samples, self.num_rows, self.batch_size, self.max_length,
-                                  self.mask_padding, self.accumulate_dtype, self.seed, tuple(self.excluded_patterns))
-
-    @property
     def purification(self) -> PurifySettings:
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
 
-    def statistics(self, modelpool: BaseModelPool) -> TaskStatistics:
-        """The statistics source of one run over `modelpool` (cache opened once, before any work)."""
+    def statistics_source(self, modelpool: BaseModelPool) -> TaskStatistics | StoredStatistics:
+        """The statistics source of one run over `modelpool`: the `statistics` directory (its tasks
+        checked), else collection with the cache opened once, before any work."""
+        if self.statistics is not None:
+            return StoredStatistics(self.statistics, self.collection, list(modelpool.model_names))
         cache = open_run_cache(self.cache_dir, self.fabric)
         return TaskStatistics(modelpool, self.collection, self.fabric, cache, self.calibration_datasets)
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of one task, as a run collects them."""
-        return self.statistics(modelpool)(task, model)
+        return self.statistics_source(modelpool)(task, model)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(dict(modelpool))
         check_hyperparameters(type(self), constructor_arguments(self))
         check_calibration_tasks(self.calibration_datasets, list(modelpool.model_names))
-        statistics = self.statistics(modelpool)
+        statistics = self.statistics_source(modelpool)
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
         check_purifiable(pretrained, self.collection.includes, self.excluded_patterns)
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
+        if isinstance(statistics, StoredStatistics):
+            statistics.check(finetuned)
 
         start = time.perf_counter()
         with CovarianceOffload(self.covariance_offload, len(finetuned)) as offload:
