@@ -177,7 +177,7 @@ def test_a_linear_excluded_from_the_statistics_is_refused(tmp_path, monkeypatch)
     stats = write_statistics(tmp_path / "no_fc2", exclude_modules=["fc2"])
     refused_before_purification(
         monkeypatch, make_pool("clip"),
-        r"task 'task0': Linear 'encoder.layers.0.mlp.fc2' is to be purified but .+ has no statistics "
+        r"task 'task0': Linear 'encoder.layers.0.mlp.fc2' needs statistics but .+ has none "
         r"of it \(collected with exclude_modules=\['fc2'\]\)", statistics=str(stats))
 
 

@@ -124,7 +124,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         """The statistics source of one run over `modelpool`: the `statistics` directory (its tasks
         checked), else collection with the cache opened once, before any work."""
         if self.statistics is not None:
-            return StoredStatistics(self.statistics, self.collection, list(modelpool.model_names))
+            return StoredStatistics(self.statistics, self.collection.includes, list(modelpool.model_names))
         cache = open_run_cache(self.cache_dir, self.fabric)
         return TaskStatistics(modelpool, self.collection, self.fabric, cache, self.calibration_datasets)
 
@@ -145,7 +145,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
         if isinstance(statistics, StoredStatistics):
-            statistics.check(finetuned)
+            statistics.check(finetuned, mark=True)  # a nested merger reading them accepts the purified copies
 
         start = time.perf_counter()
         with CovarianceOffload(self.covariance_offload, len(finetuned)) as offload:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HEADS = ["lm_head", "classifier", "score"]
+#: Attribute of a model checked against a statistics directory: the fingerprint of the model its
+#: statistics were collected on, so a nested merger reading the same directory accepts PAVE's
+#: purified copy of it.
+STATISTICS_OF = "pave_statistics_of"
 
 
 @dataclass(frozen=True)
@@ -200,11 +204,12 @@ class TaskStatistics:
 
 class StoredStatistics:
     """Each task's statistics from a statistics directory (io/statistics.py), restricted to the
-    Linears `settings` includes. `check` refuses models they were not collected on, before any use."""
+    Linears that `includes` (name, module) selects. `check` refuses models they were not collected
+    on, before any use."""
 
-    def __init__(self, directory: str, settings: CollectionSettings, tasks: list[str]):
+    def __init__(self, directory: str, includes: Callable[[str, Optional[nn.Module]], bool], tasks: list[str]):
         self.directory = directory
-        self.settings = settings
+        self.includes = includes
         self.index = read_statistics_index(directory)
         self.hits: list[str] = []  # none come from the covariance cache
         if missing := [task for task in tasks if task not in self.index]:
@@ -213,12 +218,13 @@ class StoredStatistics:
                 "write them for this pool with method=pave_statistics"
             )
 
-    def check(self, models: Mapping[str, nn.Module]) -> None:
+    def check(self, models: Mapping[str, nn.Module], mark: bool = False) -> None:
         """ValueError naming the task and the mismatch if a model is not the one its statistics were
-        collected on, or a Linear to purify was excluded from them."""
+        collected on (or, marked with STATISTICS_OF, a copy of it), or a Linear to use was excluded
+        from them. With `mark` (a caller's own copies), each model is then marked with STATISTICS_OF."""
         for task, model in models.items():
             entry = self.index[task]
-            fingerprint = fingerprint_state_dict(model.state_dict())
+            fingerprint = getattr(model, STATISTICS_OF, None) or fingerprint_state_dict(model.state_dict())
             if fingerprint != entry["model"]:
                 raise ValueError(
                     f"task '{task}': the statistics in {self.directory} were collected on another model "
@@ -227,14 +233,16 @@ class StoredStatistics:
                 )
             recorded = CollectionSettings(exclude=tuple(entry["exclude"]))
             for name, module in model.named_modules():
-                if isinstance(module, nn.Linear) and self.settings.includes(name, module) and not recorded.includes(name, module):
+                if isinstance(module, nn.Linear) and self.includes(name, module) and not recorded.includes(name, module):
                     raise ValueError(
-                        f"task '{task}': Linear '{name}' is to be purified but {self.directory} has no statistics "
+                        f"task '{task}': Linear '{name}' needs statistics but {self.directory} has none "
                         f"of it (collected with exclude_modules={entry['exclude']}); exclude it here too or "
                         "recompute the statistics with these exclude_modules"
                     )
+            if mark:
+                setattr(model, STATISTICS_OF, fingerprint)
 
     def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
         stats = load_task_from_dir(self.directory, task, self.index[task])
-        stats.input_of = {layer: key for layer, key in stats.input_of.items() if self.settings.includes(layer, None)}
+        stats.input_of = {layer: key for layer, key in stats.input_of.items() if self.includes(layer, None)}
         return stats
