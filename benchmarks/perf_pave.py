@@ -10,11 +10,10 @@ subprocess (peak RSS = ru_maxrss of that child, so they don't contaminate each o
 ours/official for every repeat so load on the shared machine hits both alike. The purified Linear
 weights of the first repeat are compared (max over layers and tasks of ||W_ours - W_off||_F / ||W_off||_F).
 
-Both sides use rho = 0.9 (rho*T*R is never an integer here, where the official greedy keeps one
-component fewer than our floor(rho*T*R) budget) and the official per-model rank collapse
-(allocation=per_model). At Mistral width the default purifies k_proj/v_proj only (GQA, 1024 x 4096,
-d_in = 4096): one fp32 inverse of the 14336^2 down_proj covariance, or a full SVD of a 4096-wide
-product, takes minutes on 2 cores; widen with --mistral-modules.
+Both sides use rho = 0.9 and the official per-model rank collapse (allocation=per_model). At Mistral
+width the default purifies k_proj/v_proj only (GQA, 1024 x 4096, d_in = 4096): one fp32 inverse of
+the 14336^2 down_proj covariance, or a full SVD of a 4096-wide product, takes minutes on 2 cores;
+widen with --mistral-modules.
 
     python -m benchmarks.perf_pave [--quick] [--repeats 3] [--settings minilm vit_b32 mistral_layer]
 Prints a table and writes JSON to --out (default benchmarks/results/perf_pave.json).

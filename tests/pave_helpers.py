@@ -34,6 +34,12 @@ class CalibrationPool(BaseModelPool):
     def load_train_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
         return self._train_datasets[dataset_name]
 
+    def load_val_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
+        return self._val_datasets[dataset_name]
+
+    def load_test_dataset(self, dataset_name: str, *args, **kwargs) -> Dataset:
+        return self._test_datasets[dataset_name]
+
     def load_processor(self, *args, **kwargs):
         return self._preprocessor_object
 

@@ -289,7 +289,7 @@ ROWS = [
     ("pave: empty calibration dataset", pave_row(lambda p: p._train_datasets.__setitem__("task0", p._train_datasets["task0"].select([]))),
      ValueError, r"task 'task0': its calibration dataset is empty \(0 rows\)"),
     ("pave: more samples than the dataset has", pave_row(num_samples=50),
-     ValueError, r"task 'task0': asked for 50 calibration samples but its train split has only 24 rows"),
+     ValueError, r"task 'task0': asked for 50 calibration samples but its calibration dataset has only 24 rows"),
     ("pave: NaN in fine-tuned weights", pave_row(lambda p: fc1(p.load_model("task1")).weight.__setitem__((0, 0), float("nan"))),
      ValueError, r"task 'task1': parameter '.*fc1\.weight' has non-finite values"),
     ("pave: inf in pretrained weights", pave_row(lambda p: fc1(p.load_pretrained_model()).bias.__setitem__(0, float("inf"))),

@@ -227,11 +227,57 @@ def test_rho_outside_unit_interval():
             pave(rho=rho).run(make_pool("clip"))
 
 
-def test_missing_calibration_data_names_the_task():
+def test_missing_calibration_data_names_the_task_before_any_collection(monkeypatch):
     pool = make_pool("clip")
     del pool._train_datasets["task1"]
+    collected = []
+    monkeypatch.setattr(task_statistics, "collect_covariance", lambda *a, **k: collected.append(1))
     with pytest.raises(ValueError, match=r"task 'task1' has no calibration data.*calibration_datasets"):
         pave().run(pool)
+    assert collected == []  # task0's statistics were not collected first
+
+
+def test_purify_tasks_purifies_only_them_as_a_pool_of_only_them_would(monkeypatch):
+    """Official GLUE EMR purifies a subset: the listed tasks are purified exactly as in a pool holding
+    only them (allocation among them), the others reach the merger as they were, with no statistics."""
+    recording = {"_target_": "pave_helpers.PoolRecordingMerger", "scaling_factor": 0.3}
+    calls = []
+    collect = task_statistics.collect_covariance
+    monkeypatch.setattr(task_statistics, "collect_covariance", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    algo = pave(recording, rho=0.6, purify_tasks=["task2", "task0"])
+    algo.run(make_pool("clip"))
+    subset = {name: model for name, model in PoolRecordingMerger.seen["models"].items()}
+    assert len(calls) == 2 and algo.extras["purified_tasks"] == ["task0", "task2"]
+    assert sorted(algo.extras["ranks"]) == ["task0", "task2"]
+    only = make_pool("clip")
+    for store in (only._models, only._train_datasets):
+        del store["task1"]
+    pave(recording, rho=0.6).run(only)
+    alone = PoolRecordingMerger.seen["models"]
+    for task in ("task0", "task2"):
+        assert_state_dicts_equal(subset[task], alone[task])
+    assert_state_dicts_equal(subset["task1"], make_pool("clip").load_model("task1"))
+    with pytest.raises(ValueError, match=r"purify_tasks names task\(s\) \['task9'\]"):
+        pave(purify_tasks=["task9"]).run(make_pool("clip"))
+    with pytest.raises(ValueError, match="purify_tasks is empty"):
+        pave(purify_tasks=[]).run(make_pool("clip"))
+
+
+def test_calibration_split_reads_the_pools_split_and_flags_test_leakage(caplog):
+    pool = make_pool("clip")
+    pool._val_datasets = dict(pool._train_datasets)
+    pool._test_datasets = dict(pool._train_datasets)
+    on_train = pave().run(make_pool("clip"))
+    for split in ("validation", "test"):
+        algo = pave(calibration_split=split)
+        assert_state_dicts_equal(model_of(algo.run(pool)), model_of(on_train))  # same data under another key
+        assert algo.extras["calibration_split"] == split and algo.extras["test_leakage"] == (split == "test")
+    assert "TEST-SET LEAKAGE" in caplog.text
+    del pool._val_datasets["task2"]
+    with pytest.raises(ValueError, match=r"task 'task2' has no calibration data: add `val_datasets.task2`"):
+        pave(calibration_split="validation").run(pool)
+    with pytest.raises(ValueError, match=r"calibration_split must be one of train, validation, test"):
+        pave(calibration_split="dev").run(pool)
 
 
 def test_fewer_samples_than_asked():

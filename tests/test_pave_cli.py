@@ -35,8 +35,12 @@ def test_cli_pave_ties_on_tiny_pools(tmp_path, kind):
     assert {k: v for k, v in result["pave"].items() if k != "covariance_cache_hits"} == {
         k: v for k, v in pave.items() if k not in ("ranks", "full_ranks", "covariance_cache_hits")}
     assert len(pave["ranks"]) == 3 and pave["rho"] == {"clip": 63 / 64, "t5": 0.9, "mistral": 0.8}[kind]
-    for layer, full in pave["full_ranks"].items():  # every layer spends exactly its budget
-        assert sum(ranks[layer] for ranks in pave["ranks"].values()) == math.floor(pave["rho"] * 3 * full)
+    for layer, full in pave["full_ranks"].items():  # every layer keeps the largest total below rho*T*R ...
+        kept = sum(ranks[layer] for ranks in pave["ranks"].values())
+        if kind == "clip":  # ... unless the floor binds: round(63/64 * 32) = 32, floor 32, nothing dropped
+            assert (full, kept) == (32, 96)
+        else:
+            assert kept == math.ceil(pave["rho"] * 3 * full) - 1
     assert (log_dir / "pave_ranks.png").stat().st_size > 1000
     assert len(os.listdir(tmp_path / "cache")) == 3
     if kind == "t5":  # the same run on 2 CPU processes (DDP, gloo), each collecting half the batches

@@ -23,10 +23,12 @@ from fusion_bench_pave.pave.rank_allocation import (
     allocate_layer,
     allocate_ranks,
     floor_rank,
+    layer_total,
     normalized_spectrum,
     rank_budget,
 )
 from fusion_bench_pave.pave.regularize import Regularization, regularize, regularize_doubling, regularize_relative
+from reference.official_pave import greedy_trim
 
 
 # ------------------------------------------------------------------ covariance
@@ -268,8 +270,8 @@ def _cost(spectra, kept) -> float:
 def _sort_optimum(spectra, rho, floor_factor):
     """Oracle: drop the D globally smallest droppable (beyond-floor) components."""
     full_rank = len(spectra[0])
-    floor = floor_rank(full_rank, len(spectra), rho, floor_factor)
-    drops = len(spectra) * full_rank - rank_budget(full_rank, len(spectra), rho)
+    drops = len(spectra) * full_rank - layer_total(full_rank, len(spectra), rho, floor_factor)
+    floor = floor_rank(full_rank, rho, floor_factor)
     candidates = sorted((s[i] ** 2, m) for m, s in enumerate(spectra) for i in range(floor, full_rank))
     kept = [full_rank] * len(spectra)
     for _, m in candidates[:drops]:
@@ -283,30 +285,67 @@ def test_greedy_equals_sort_optimum(seed):
     num_models = int(torch.randint(2, 9, (1,), generator=g))
     full_rank = int(torch.randint(4, 80, (1,), generator=g))
     rho = float(torch.empty(1).uniform_(0.3, 1.0, generator=g))
+    if seed % 2:  # a dyadic rho with rho*T*R an integer: the search stops one below it
+        rho = round(rho * num_models * full_rank) / (num_models * full_rank)
     spectra = _random_spectra(num_models, full_rank, seed)
     kept = allocate_layer(spectra, rho)
     assert kept == _sort_optimum(spectra, rho, 1.5)
-    assert sum(kept) == rank_budget(full_rank, num_models, rho)
-    assert min(kept) >= floor_rank(full_rank, num_models, rho)
+    assert sum(kept) == max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, rho))
+    assert min(kept) >= floor_rank(full_rank, rho)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_greedy_equals_brute_force(seed):
     spectra = _random_spectra(3, 6, 50 + seed)
-    rho = 0.6
-    floor, budget = floor_rank(6, 3, rho), rank_budget(6, 3, rho)
-    feasible = [k for k in itertools.product(range(floor, 7), repeat=3) if sum(k) <= budget]
-    best = min(_cost(spectra, k) for k in feasible)
-    assert _cost(spectra, allocate_layer(spectra, rho)) == pytest.approx(best, abs=1e-12)
+    for rho, budget in [(0.6, 10), (5 / 6, 14)]:  # 10.8 -> 10; 15 is an integer -> 14
+        floor = floor_rank(6, rho)
+        assert rank_budget(6, 3, rho) == budget and 3 * floor <= budget
+        feasible = [k for k in itertools.product(range(floor, 7), repeat=3) if sum(k) <= budget]
+        best = min(_cost(spectra, k) for k in feasible)
+        assert _cost(spectra, allocate_layer(spectra, rho)) == pytest.approx(best, abs=1e-12)
+
+
+def test_budget_stops_strictly_below_rho_like_the_official_search():
+    # rho*T*R an integer (the usual case at dyadic rho and widths 384/768/4096): one fewer
+    assert rank_budget(768, 8, 63 / 64) == 6047
+    assert rank_budget(384, 3, 7 / 8) == 1007
+    assert rank_budget(4096, 2, 4089 / 4096) == 8177
+    assert rank_budget(32, 3, 0.875) == 83
+    # otherwise floor(rho*T*R)
+    assert rank_budget(32, 2, 0.9) == 57 and rank_budget(32, 3, 0.9) == 86
+    # float products that land a hair off the integer are judged as the official k/(T*R) >= rho is
+    assert 0.28 * 25 > 7 and rank_budget(25, 1, 0.28) == 6
+    assert 0.57 * 100 < 57 and rank_budget(100, 1, 0.57) == 56
+    assert rank_budget(5, 2, 1.0) == 9  # rho=1: the floor (R) keeps everything
+
+
+def test_greedy_matches_the_official_trim_on_integer_budgets():
+    for seed, (num_models, full_rank, rho) in enumerate(
+        [(8, 64, 63 / 64), (3, 32, 7 / 8), (2, 64, 31 / 32), (4, 48, 0.75), (3, 40, 0.9), (2, 16, 0.5)]
+    ):
+        spectra = _random_spectra(num_models, full_rank, 70 + seed)
+        official = greedy_trim({m: torch.tensor(s) for m, s in enumerate(spectra)}, full_rank, rho)
+        assert allocate_layer(spectra, rho) == [official[m] for m in range(num_models)]
+        assert sum(official.values()) == math.ceil(rho * num_models * full_rank) - 1
+
+
+def test_ties_go_to_the_lowest_model_index():
+    spectra = [[1.0, 0.5, 0.2], [1.0, 0.5, 0.2]]
+    # 4/6 >= 2/3, so 3 are kept: both 0.2 go first (model 0's, then model 1's), then model 0's 0.5
+    assert allocate_layer(spectra, 2 / 3) == [1, 2]  # floor 1
+    official = greedy_trim({0: torch.tensor(spectra[0]), 1: torch.tensor(spectra[1])}, 3, 2 / 3)
+    assert official == {0: 1, 1: 2}
 
 
 def test_floor_formula_and_binding_floor():
-    assert floor_rank(32, 2, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
-    assert floor_rank(64, 8, 63 / 64) == 62
-    assert floor_rank(10, 2, 0.1) == 1  # clamped to one component
-    # round(63/64 * 32) = 32 would give floor 32 > budget share floor(94 / 3) = 31
-    assert floor_rank(32, 3, 63 / 64) == 31
-    assert sum(allocate_layer(_random_spectra(3, 32, 9), 63 / 64)) == 94
+    assert floor_rank(32, 0.9) == 28  # dropped 3 -> 1.5*3=4.5 -> 4
+    assert floor_rank(64, 63 / 64) == 62
+    assert floor_rank(10, 0.1) == 1  # clamped to one component
+    # round(63/64 * 32) = 32: floor 32, so nothing is dropped although the budget is 95 of 96
+    assert floor_rank(32, 63 / 64) == 32
+    spectra = _random_spectra(3, 32, 9)
+    assert allocate_layer(spectra, 63 / 64) == [32, 32, 32]
+    assert greedy_trim({m: torch.tensor(s) for m, s in enumerate(spectra)}, 32, 63 / 64) == {0: 32, 1: 32, 2: 32}
     with pytest.raises(ValueError, match="fewer than one component per model"):
         allocate_layer(_random_spectra(3, 4, 9), 0.1)
     # one model with a flat spectrum would drop everything if there were no floor

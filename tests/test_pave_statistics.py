@@ -64,8 +64,8 @@ def test_the_index_records_what_each_task_file_was_made_from(stats_dir):
     for task, entry in index["tasks"].items():
         assert entry["model"] == fingerprint_state_dict(pool.load_model(task).state_dict())
         assert entry["dataset"].startswith(f"{task}:") and entry["preprocessor"] is not None
-        assert (entry["num_samples"], entry["num_rows"], entry["dtype"], entry["mask_padding"], entry["split"]) == (
-            12, None, "float64", True, "train")
+        assert (entry["num_samples"], entry["num_rows"], entry["dtype"], entry["mask_padding"], entry["split"],
+                entry["padding"]) == (12, None, "float64", True, "train", "longest")
         assert entry["exclude"] == ["lm_head", "classifier", "score"]
         assert entry["rows"] and all(n == 12 * 17 for n in entry["rows"].values())  # 12 images x (16 patches + CLS)
     assert sorted(os.listdir(stats_dir)) == sorted([MANIFEST, DIRECTORY_INDEX, *(e["file"] for e in index["tasks"].values())])
@@ -195,8 +195,8 @@ def test_the_yaml_mirrors_the_constructor_with_paves_collection_values():
     collection = [k for k in keys if k not in ("output_dir", "overwrite")]
     assert set(collection) <= set(pave_config) and {k: config[k] for k in collection} == {
         k: pave_config[k] for k in collection}
-    assert set(collection) == set(CollectionSettings.__dataclass_fields__) - {"exclude"} | {
-        "exclude_modules", "calibration_datasets"}
+    assert set(collection) == set(CollectionSettings.__dataclass_fields__) - {"exclude", "split", "padding"} | {
+        "exclude_modules", "calibration_datasets", "calibration_split", "calibration_padding"}
 
 
 @pytest.mark.slow

@@ -40,18 +40,20 @@ floor_factors = st.floats(0.0, 3.0, allow_nan=False)
 @given(spectra=layer_spectra(), rho=rhos, floor_factor=floor_factors)
 def test_allocation_spends_the_budget_respects_the_floor_and_is_optimal(spectra, rho, floor_factor):
     models, rank = len(spectra), len(spectra[0])
-    budget, floor = rank_budget(rank, models, rho), floor_rank(rank, models, rho, floor_factor)
-    if floor * models > budget:  # rho too small for one component per model: a clear error
+    budget, floor = rank_budget(rank, models, rho), floor_rank(rank, rho, floor_factor)
+    if budget < models:  # rho too small for one component per model: a clear error
         try:
             allocate_layer(spectra, rho, floor_factor)
         except ValueError as error:
             assert "leaves fewer than one component per model" in str(error)
             return
-        raise AssertionError("allocate_layer accepted a budget below the floor")
+        raise AssertionError("allocate_layer accepted a budget below one component per model")
+    assert budget / (models * rank) < rho <= (budget + 1) / (models * rank)  # the largest total below rho
     kept = allocate_layer(spectra, rho, floor_factor)
-    assert sum(kept) == budget
+    total = max(budget, models * floor)  # the floor wins over the budget, as in the official search
+    assert sum(kept) == total
     assert all(floor <= r <= rank for r in kept) and floor >= 1
-    feasible = [c for c in itertools.product(range(floor, rank + 1), repeat=models) if sum(c) == budget]
+    feasible = [c for c in itertools.product(range(floor, rank + 1), repeat=models) if sum(c) == total]
     best = min(dropped_cost(spectra, list(c)) for c in feasible)
     assert dropped_cost(spectra, kept) <= best + 1e-12
 
@@ -60,7 +62,7 @@ def test_allocation_spends_the_budget_respects_the_floor_and_is_optimal(spectra,
 @given(spectra=layer_spectra(max_models=3, max_rank=6), rho=st.floats(0.5, 1.0), layers=st.integers(1, 3))
 def test_per_model_and_uniform_ranks_stay_in_range(spectra, rho, layers):
     by_layer = {f"l{i}": [s[: len(s) - i] or [1.0] for s in spectra] for i in range(layers)}
-    if any(floor_rank(len(s[0]), len(s), rho) * len(s) > rank_budget(len(s[0]), len(s), rho) for s in by_layer.values()):
+    if any(rank_budget(len(s[0]), len(s), rho) < len(s) for s in by_layer.values()):
         return
     for allocation in ("per_layer", "per_model", "uniform"):
         ranks = allocate_ranks(by_layer, rho, allocation)

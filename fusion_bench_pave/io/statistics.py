@@ -7,12 +7,12 @@ input, its X^T X sum over the calibration token rows (in the order collected). T
 ``__metadata__`` holds JSON strings: ``format`` ("pave-covariance-stats/2"), ``count`` (token rows
 per input), ``input_of`` (the input each Linear reads: q/k/v share one), ``parts`` (what the
 statistics were made from: model fingerprint, dataset and preprocessor fingerprints, num_samples,
-num_rows, seed, mask_padding, max_length, dtype, exclude patterns; their hash is ``<key>``) and the
+num_rows, seed, mask_padding, max_length, dtype, exclude patterns, calibration split and padding;
+their hash is ``<key>``) and the
 CRC-32 of each tensor, which ``LazyTensors`` checks on every read (io/safetensors.py).
 
 Directory (format "fusion-bench-pave-statistics/1"): the task files and ``statistics.json``:
-``{"format": ..., "tasks": {task: {"file", "rows" (token rows per input), "split", <every key
-part>}}}``, plus the manifest of io/atomic.py. It is written atomically: complete or absent.
+``{"format": ..., "tasks": {task: {"file", "rows" (token rows per input), <every key part>}}}``, plus the manifest of io/atomic.py. It is written atomically: complete or absent.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable
 
 from fusion_bench_pave.io.atomic import atomic_output_dir
 from fusion_bench_pave.io.fingerprint import cache_key, canonical
@@ -78,18 +78,18 @@ def load_task_stats(path: str | os.PathLike) -> tuple[CovarianceStats, Any]:
 @contextmanager
 def statistics_dir_writer(
     path: str | os.PathLike, overwrite: bool = False
-) -> Iterator[Callable[[str, Mapping[str, Any], CovarianceStats, Optional[str]], None]]:
-    """Yield ``add(task, parts, stats, split)``, which writes one task file into a staging copy of the
+) -> Iterator[Callable[[str, Mapping[str, Any], CovarianceStats], None]]:
+    """Yield ``add(task, parts, stats)``, which writes one task file into a staging copy of the
     directory `path`; on success the index is written and the directory published atomically
     (refused if `path` exists, unless `overwrite` and it holds only what we wrote there)."""
     with atomic_output_dir(path, overwrite) as staging:
         tasks: dict[str, dict[str, Any]] = {}
 
-        def add(task: str, parts: Mapping[str, Any], stats: CovarianceStats, split: Optional[str]) -> None:
+        def add(task: str, parts: Mapping[str, Any], stats: CovarianceStats) -> None:
             name = task_file_name(parts)
             with open(staging / name, "wb") as handle:
                 save_task_stats(handle, stats, parts)
-            tasks[task] = {**canonical(parts), "file": name, "rows": dict(stats.count), "split": split}
+            tasks[task] = {**canonical(parts), "file": name, "rows": dict(stats.count)}
 
         yield add
         index = {"format": DIRECTORY_FORMAT, "tasks": tasks}

@@ -24,7 +24,8 @@ from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from fusion_bench.utils.instantiate_utils import instantiate
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
-from fusion_bench_pave.pave.config_checks import check_calibration_tasks, check_hyperparameters
+from fusion_bench_pave.pave.calibration import require_calibration_data
+from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_task_names
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.models import LinearWeights, check_compatible, check_purifiable, dare_, on_device, pool_with_models
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
@@ -64,6 +65,9 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         accumulate_dtype: Literal["float32", "float64"] = COLLECT.accumulate_dtype,
         exclude_modules: Optional[list[str]] = None,
         calibration_datasets: Optional[DictConfig] = None,
+        calibration_split: Literal["train", "validation", "test"] = COLLECT.split,
+        calibration_padding: Literal["longest", "max_length"] = COLLECT.padding,
+        purify_tasks: Optional[list[str]] = None,
         dare: Optional[DictConfig] = None,
         seed: int = COLLECT.seed,
         cache_dir: Optional[str] = None,
@@ -78,7 +82,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             rho: global kept-rank ratio in (0, 1]; 1 reproduces the merger exactly.
             allocation: per_layer (greedy optimum), per_model (official collapse) or uniform.
             floor_factor: no model keeps fewer than R - round(factor * (R - round(rho * R))).
-            num_samples: calibration samples drawn (seeded) from each task's train split.
+            num_samples: calibration samples drawn (seeded) from each task's calibration split.
             num_rows: optional N of the official code: each input's covariance uses its first
                 num_rows (unmasked) token rows of those samples; single process only.
             batch_size, max_length: calibration batching and text truncation.
@@ -88,8 +92,16 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
                 None means the classifier heads (task_statistics.HEADS), [] purifies every Linear.
-            calibration_datasets: optional {task: dataset path or config} overriding the train
+            calibration_datasets: optional {task: dataset path or config} overriding the pool's
                 splits; every task named must be a fine-tuned model of the pool.
+            calibration_split: the pool's datasets calibration reads: "train" (train_datasets),
+                "validation" (val_datasets) or "test" (test_datasets: test-set leakage, as the
+                official ViT code does; logged as a warning and flagged in the report).
+            calibration_padding: "longest" (pad each batch to its longest text, the official GLUE
+                path) or "max_length" (every text padded to max_length, the official LLM path).
+            purify_tasks: optional list of the tasks to purify (the official GLUE EMR purifies
+                sst2, qqp and mnli); the others keep their plain task vectors, need no calibration
+                data and take no part in the rank allocation. None purifies every task.
             dare: optional {sparsity_ratio, rescale, only_on_linear_weights}: DARE drop+rescale of
                 the raw deltas before purification (seeded with `seed`).
             seed: seed of calibration sampling and DARE.
@@ -120,11 +132,11 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
 
-    def statistics_source(self, modelpool: BaseModelPool) -> TaskStatistics | StoredStatistics:
-        """The statistics source of one run over `modelpool`: the `statistics` directory (its tasks
-        checked), else collection with the cache opened once, before any work."""
+    def statistics_source(self, modelpool: BaseModelPool, tasks: Optional[list[str]] = None) -> TaskStatistics | StoredStatistics:
+        """The statistics source of one run over `modelpool`: the `statistics` directory (holding
+        `tasks`, default all), else collection with the cache opened once, before any work."""
         if self.statistics is not None:
-            return StoredStatistics(self.statistics, self.collection.includes, list(modelpool.model_names))
+            return StoredStatistics(self.statistics, self.collection.includes, tasks or list(modelpool.model_names))
         cache = open_run_cache(self.cache_dir, self.fabric)
         return TaskStatistics(modelpool, self.collection, self.fabric, cache, self.calibration_datasets)
 
@@ -136,8 +148,13 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(dict(modelpool))
         check_hyperparameters(type(self), constructor_arguments(self))
-        check_calibration_tasks(self.calibration_datasets, list(modelpool.model_names))
-        statistics = self.statistics_source(modelpool)
+        tasks = list(modelpool.model_names)
+        check_task_names("calibration_datasets", self.calibration_datasets, tasks)
+        check_task_names("purify_tasks", self.purify_tasks, tasks)
+        purified = [task for task in tasks if self.purify_tasks is None or task in self.purify_tasks]
+        for task in purified if self.statistics is None else ():
+            require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
+        statistics = self.statistics_source(modelpool, purified)
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
@@ -145,23 +162,25 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
         if isinstance(statistics, StoredStatistics):
-            statistics.check(finetuned, mark=True)  # a nested merger reading them accepts the purified copies
+            statistics.check({name: finetuned[name] for name in purified}, mark=True)  # a nested merger reading them accepts the purified copies
 
         start = time.perf_counter()
-        with CovarianceOffload(self.covariance_offload, len(finetuned)) as offload:
+        with CovarianceOffload(self.covariance_offload, len(purified)) as offload:
             stats = {}
-            for name, model in finetuned.items():
-                with on_device(model, self.fabric.device):
-                    stats[name] = offload.keep(statistics(name, model))
+            for name in purified:
+                with on_device(finetuned[name], self.fabric.device):
+                    stats[name] = offload.keep(statistics(name, finetuned[name]))
             times = {"covariance": time.perf_counter() - start}
             if self.dare:
                 dare_(pretrained, finetuned, self.dare, self.seed)
             start = time.perf_counter()
-            ranks, full_ranks = self.purify_(finetuned, stats)
+            ranks, full_ranks = self.purify_({name: finetuned[name] for name in purified}, stats)
             times["purification"] = time.perf_counter() - start
 
         merged = self.merge(modelpool, pretrained, finetuned)
-        self.extras = run_extras(self.rho, self.allocation, times, statistics.hits, offload.on_disk, ranks, full_ranks)
+        settings = {"rho": self.rho, "allocation": self.allocation, "calibration_split": self.calibration_split,
+                    "test_leakage": self.calibration_split == "test", "purified_tasks": purified}
+        self.extras = run_extras(settings, times, statistics.hits, offload.on_disk, ranks, full_ranks)
         if self.log_dir is not None and self.fabric.is_global_zero:
             write_extras(self.log_dir, self.extras)
         if not self.report_extras:

@@ -1,4 +1,4 @@
-"""Turn a task's train split into model inputs for covariance collection.
+"""Turn a task's calibration split (train by default) into model inputs for covariance collection.
 
 Image datasets (column `image`) go through the pool's CLIP processor; text datasets (column `text`)
 through its tokenizer, with the attention mask as the token mask. Encoder-decoder models also get
@@ -9,6 +9,7 @@ only real tokens of the shifted sequence.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -20,6 +21,8 @@ from transformers import AutoTokenizer
 
 from fusion_bench_pave.io.fingerprint import cache_key
 
+log = logging.getLogger(__name__)
+
 IMAGE_COLUMNS = ("image", "img")
 TEXT_COLUMNS = ("text", "sentence", "content")
 
@@ -30,7 +33,7 @@ def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> lis
         raise ValueError(f"task '{task}': its calibration dataset is empty (0 rows); PAVE needs calibration samples.")
     if num_samples > num_rows:
         raise ValueError(
-            f"task '{task}': asked for {num_samples} calibration samples but its train split has only "
+            f"task '{task}': asked for {num_samples} calibration samples but its calibration dataset has only "
             f"{num_rows} rows; lower num_samples to at most {num_rows}."
         )
     generator = torch.Generator().manual_seed(seed)
@@ -113,8 +116,14 @@ def iter_batches(
     batch_size: int = 16,
     max_length: int = 128,
     mask_padding: bool = True,
+    padding: str = "longest",
 ) -> Iterator[tuple[dict[str, Tensor], Optional[Tensor]]]:
-    """Yield (model kwargs, token mask) batches for the selected rows."""
+    """Yield (model kwargs, token mask) batches for the selected rows. Texts are padded to the
+    batch's longest ("longest", the dynamic padding of the official GLUE path) or each to
+    `max_length` ("max_length", the official LLM path); with mask_padding=False the padding tokens
+    are rows of the covariance, as in the official code."""
+    if padding not in ("longest", "max_length"):
+        raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}.")
     kind, column = find_column(dataset, task)
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -126,7 +135,7 @@ def iter_batches(
             yield {"pixel_values": pixels.to(device=device, dtype=dtype)}, None
             continue
         encoded = preprocessor(
-            list(rows), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            list(rows), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
         )
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -138,23 +147,64 @@ def iter_batches(
         yield inputs, attention_mask.to(device) if mask_padding else None
 
 
-def load_calibration_dataset(modelpool: Any, task: str, configured: Optional[Mapping] = None) -> Any:
-    """The calibration dataset of `task`: `configured[task]` if given (a path or an instantiable
-    config), else the pool's train split."""
+#: calibration_split -> (modelpool key, its loader method). "test" is test leakage: only when asked for.
+SPLITS = {
+    "train": ("train_datasets", "load_train_dataset"),
+    "validation": ("val_datasets", "load_val_dataset"),
+    "test": ("test_datasets", "load_test_dataset"),
+}
+
+
+def load_calibration_dataset(
+    modelpool: Any, task: str, configured: Optional[Mapping] = None, split: str = "train"
+) -> Any:
+    """The calibration dataset of `task`: `configured[task]` if given (a saved dataset path, a hub
+    name loaded at `split`, or an instantiable config), else the pool's `split` datasets (train by
+    default; validation; test, which leaks the evaluation data and is logged as a warning: the
+    official ViT code calibrates on the test loader)."""
+    if split not in SPLITS:
+        raise ValueError(f"calibration_split must be one of {list(SPLITS)}, got {split!r}.")
     if configured and task in configured:
         source = configured[task]
-        if isinstance(source, str):
-            if os.path.exists(os.path.join(source, "state.json")):
-                return datasets.load_from_disk(source)
-            return datasets.load_dataset(source, split="train")
-        return instantiate(source)
-    train = getattr(modelpool, "_train_datasets", None)
-    if not train or task not in train:
+        if isinstance(source, str) and not os.path.exists(os.path.join(source, "state.json")):
+            warn_test_leakage(task, split, f"split '{split}' of {source}")
+            return datasets.load_dataset(source, split=split)
+        if split != "train":
+            log.warning(
+                "task '%s': calibration_split=%r does not apply to its configured calibration dataset "
+                "(method.calibration_datasets.%s), which is used as given.", task, split, task,
+            )
+        return datasets.load_from_disk(source) if isinstance(source, str) else instantiate(source)
+    require_calibration_data(modelpool, task, configured, split)
+    key, loader = SPLITS[split]
+    warn_test_leakage(task, split, f"the modelpool's {key}.{task}")
+    return getattr(modelpool, loader)(task)
+
+
+def require_calibration_data(modelpool: Any, task: str, configured: Optional[Mapping] = None, split: str = "train") -> None:
+    """ValueError unless `task` has calibration data: configured, or in the pool's `split` datasets
+    (checked for every task before any statistics are collected)."""
+    if split not in SPLITS:
+        raise ValueError(f"calibration_split must be one of {list(SPLITS)}, got {split!r}.")
+    if configured and task in configured:
+        return
+    key, _ = SPLITS[split]
+    available = getattr(modelpool, f"_{key}", None)
+    if not available or task not in available:
         raise ValueError(
-            f"task '{task}' has no calibration data: add `train_datasets.{task}` to the modelpool "
-            f"config or set `method.calibration_datasets.{task}` (a dataset path or config)."
+            f"task '{task}' has no calibration data: add `{key}.{task}` to the modelpool config "
+            f"(calibration_split={split!r}) or set `method.calibration_datasets.{task}` (a dataset path or config)."
         )
-    return modelpool.load_train_dataset(task)
+
+
+def warn_test_leakage(task: str, split: str, source: str) -> None:
+    """Log a warning when calibration reads a test split (the evaluation data)."""
+    if split == "test":
+        log.warning(
+            "task '%s': PAVE calibrates on %s: TEST-SET LEAKAGE (the official ViT protocol does this; "
+            "results are not a clean evaluation). Use calibration_split=train or validation otherwise.",
+            task, source,
+        )
 
 
 def load_preprocessor(modelpool: Any) -> Any:

@@ -3,12 +3,13 @@ fails in a second with the valid range instead of after minutes of covariance co
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, get_args
 
 from fusion_bench.utils.packages import import_object
 
 from fusion_bench_pave.arguments import check_argument_types
+from fusion_bench_pave.pave.calibration import SPLITS
 from fusion_bench_pave.pave.offload import Offload
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
@@ -97,7 +98,8 @@ def check_collection(cls: type, arguments: Mapping[str, Any]) -> None:
             raise ValueError(f"{name} must be >= 1, got {arguments[name]}")
     if arguments["num_rows"] is not None and arguments["num_rows"] < 1:
         raise ValueError(f"num_rows must be >= 1 or null, got {arguments['num_rows']}")
-    check_choices(arguments, {"accumulate_dtype": tuple(DTYPES)})
+    check_choices(arguments, {"accumulate_dtype": tuple(DTYPES), "calibration_split": tuple(SPLITS),
+                              "calibration_padding": ("longest", "max_length")})
 
 
 def check_choices(arguments: Mapping[str, Any], choices: Mapping[str, tuple]) -> None:
@@ -124,12 +126,11 @@ def check_dare(dare: Mapping) -> None:
             raise TypeError(f"dare.{key} must be {DARE_KEYS[key]}, got {dare[key]!r}")
 
 
-def check_calibration_tasks(calibration_datasets: Mapping | None, tasks: list[str]) -> None:
-    """Every task named in ``calibration_datasets`` is a fine-tuned model of the pool (a misspelled
-    task would otherwise be ignored, and the pool's train split used instead)."""
-    unknown = [task for task in calibration_datasets or {} if task not in tasks]
+def check_task_names(key: str, names: Iterable[str] | None, tasks: list[str]) -> None:
+    """Every task named under ``key`` (calibration_datasets, purify_tasks) is a fine-tuned model of
+    the pool: a misspelled task would otherwise be ignored silently."""
+    unknown = [task for task in names or () if task not in tasks]
     if unknown:
-        raise ValueError(
-            f"calibration_datasets names task(s) {unknown} that the model pool does not have; "
-            f"its tasks are {tasks}"
-        )
+        raise ValueError(f"{key} names task(s) {unknown} that the model pool does not have; its tasks are {tasks}")
+    if names is not None and key == "purify_tasks" and not list(names):
+        raise ValueError("purify_tasks is empty, so PAVE would purify nothing; list tasks or set it to null (all).")

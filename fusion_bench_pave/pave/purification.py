@@ -77,10 +77,10 @@ def purifiable_layers(statistics: Mapping[str, CovarianceStats]) -> list[str]:
     return [l for l in statistics[tasks[0]].layers if all(l in statistics[t].input_of for t in tasks)]
 
 
-def lowest_collapsed_fraction(shapes: Sequence[Sequence[int]], num_models: int, rho: float, floor_factor: float) -> float:
+def lowest_collapsed_fraction(shapes: Sequence[Sequence[int]], rho: float, floor_factor: float) -> float:
     """Lower bound of per_model's collapsed kept ratio: every model keeps at least each layer's floor,
     so its ratio sum_l r_ml / sum_l R_l is at least min_l floor_l / R_l."""
-    fractions = [floor_rank(min(shape), num_models, rho, floor_factor) / min(shape) for shape in shapes]
+    fractions = [floor_rank(min(shape), rho, floor_factor) / min(shape) for shape in shapes]
     return min(fractions, default=1.0)
 
 
@@ -130,7 +130,7 @@ def iter_purified(
         return
 
     shapes = [weights[tasks[0]][layer].shape for layer in layers]
-    lowest = lowest_collapsed_fraction(shapes, len(tasks), settings.rho, settings.floor_factor)
+    lowest = lowest_collapsed_fraction(shapes, settings.rho, settings.floor_factor)
     spectra: dict[str, list[list[float]]] = {}
     tails: dict[tuple[str, str], tuple[Tensor, int]] = {}
     budget = tail_bytes

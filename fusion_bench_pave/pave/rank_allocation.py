@@ -1,8 +1,9 @@
 """Spectral rank allocation: split a global kept-rank ratio rho across the T models of each layer.
 
 Dropping component i of model m costs s_i^2 with s = S / S_1 (normalised activated pruning error).
-Greedily dropping the globally cheapest remaining component is optimal because each model's costs
-are sorted, so every model drops a suffix of its spectrum.
+The search is the official one (github ABgit111/purified_task_vector, rank_strategy.py): drop the
+globally smallest remaining s while kept/(T*R) >= rho and some model is above the floor. Greedy is
+optimal because each model's costs are sorted, so every model drops a suffix of its spectrum.
 """
 
 from __future__ import annotations
@@ -17,16 +18,30 @@ Allocation = Literal["per_layer", "per_model", "uniform"]
 
 
 def rank_budget(full_rank: int, num_models: int, rho: float) -> int:
-    """Total components kept in one layer over all models: floor(rho * T * R)."""
-    return math.floor(rho * num_models * full_rank + 1e-9)
+    """Total components one layer keeps over all models when the floor does not bind: the largest k
+    with k / (T*R) < rho, tested in floating point as the official loop tests it. That is
+    floor(rho*T*R), or one fewer when rho*T*R is an integer (the search stops strictly below rho)."""
+    total = num_models * full_rank
+    kept = min(total, math.ceil(rho * total))
+    while kept > 0 and kept / total >= rho:
+        kept -= 1
+    while (kept + 1) / total < rho:
+        kept += 1
+    return kept
 
 
-def floor_rank(full_rank: int, num_models: int, rho: float, floor_factor: float = 1.5) -> int:
-    """Fewest components any model may keep: R - round(factor * (R - round(rho * R))), capped at
-    budget // T so the budget stays reachable (round(rho * R) can round up to R), and at least 1."""
+def floor_rank(full_rank: int, rho: float, floor_factor: float = 1.5) -> int:
+    """Fewest components any model keeps: R - round(factor * (R - round(rho * R))), at least 1.
+
+    The floor wins over the budget, as in the official search: when round(rho * R) rounds up to R
+    (R=32, rho=63/64) nothing is dropped, and rho=1 keeps every component."""
     dropped = full_rank - round(rho * full_rank)
-    share = rank_budget(full_rank, num_models, rho) // num_models
-    return max(1, min(full_rank - round(floor_factor * dropped), share))
+    return max(1, full_rank - round(floor_factor * dropped))
+
+
+def layer_total(full_rank: int, num_models: int, rho: float, floor_factor: float = 1.5) -> int:
+    """Components one layer keeps over all models: the budget, or T floors where those are more."""
+    return max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, rho, floor_factor))
 
 
 def normalized_spectrum(singular_values: Tensor) -> list[float]:
@@ -38,25 +53,27 @@ def normalized_spectrum(singular_values: Tensor) -> list[float]:
 
 
 def allocate_layer(spectra: Sequence[Sequence[float]], rho: float, floor_factor: float = 1.5) -> list[int]:
-    """Greedy optimum for one layer: kept ranks per model, total <= floor(rho*T*R), each >= floor."""
+    """Kept ranks per model for one layer: drop the globally smallest remaining s_i (ties: the lowest
+    model index, as the official loop) until `layer_total` components are left, none below the floor."""
     full_rank = len(spectra[0])
     if any(len(s) != full_rank for s in spectra):
         raise ValueError("all models of a layer must have the same number of singular values")
-    floor = floor_rank(full_rank, len(spectra), rho, floor_factor)
+    floor = floor_rank(full_rank, rho, floor_factor)
     budget = rank_budget(full_rank, len(spectra), rho)
-    if floor * len(spectra) > budget:
+    if budget < len(spectra):
         raise ValueError(
             f"rho={rho} leaves fewer than one component per model (R={full_rank}, T={len(spectra)}, "
             f"budget {budget}); raise rho."
         )
     kept = [full_rank] * len(spectra)
-    heap = [(s[full_rank - 1] ** 2, m) for m, s in enumerate(spectra) if full_rank > floor]
+    # s orders the components as their cost s^2 does, without squaring distinct values into a tie
+    heap = [(s[full_rank - 1], m) for m, s in enumerate(spectra) if full_rank > floor]
     heapq.heapify(heap)
-    for _ in range(len(spectra) * full_rank - budget):
+    for _ in range(len(spectra) * full_rank - layer_total(full_rank, len(spectra), rho, floor_factor)):
         _, m = heapq.heappop(heap)
         kept[m] -= 1
         if kept[m] > floor:
-            heapq.heappush(heap, (spectra[m][kept[m] - 1] ** 2, m))
+            heapq.heappush(heap, (spectra[m][kept[m] - 1], m))
     return kept
 
 

@@ -12,19 +12,18 @@ from fusion_bench_pave.pave.plot import save_rank_heatmap
 
 
 def run_extras(
-    rho: float,
-    allocation: str,
+    settings: Mapping[str, Any],
     times: Mapping[str, float],
     cache_hits: list[str],
     on_disk: bool,
     ranks: Mapping[str, Mapping[str, int]],
     full_ranks: Mapping[str, int],
 ) -> dict[str, Any]:
-    """The extras of one run. kept_ratio: each task's kept rank over its full rank, summed over the
-    purified Linears (excluded ones are not counted, as in rho's budget)."""
+    """The extras of one run: `settings` (rho, allocation, ...) first. kept_ratio: each purified
+    task's kept rank over its full rank, summed over the purified Linears (excluded ones are not
+    counted, as in rho's budget)."""
     return {
-        "rho": rho,
-        "allocation": allocation,
+        **settings,
         "covariance_time_s": times["covariance"],
         "purification_time_s": times["purification"],
         "covariance_cache_hits": list(cache_hits),

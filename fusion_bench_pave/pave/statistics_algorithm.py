@@ -16,7 +16,8 @@ from fusion_bench.mixins import LightningFabricMixin
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.io.atomic import refuse_replacing_dir
 from fusion_bench_pave.io.statistics import statistics_dir_writer
-from fusion_bench_pave.pave.config_checks import check_calibration_tasks, check_collection
+from fusion_bench_pave.pave.calibration import require_calibration_data
+from fusion_bench_pave.pave.config_checks import check_collection, check_task_names
 from fusion_bench_pave.pave.models import on_device
 from fusion_bench_pave.pave.task_statistics import CollectionKeys, CollectionSettings, TaskStatistics
 
@@ -42,6 +43,8 @@ class PAVEStatistics(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
         accumulate_dtype: Literal["float32", "float64"] = COLLECT.accumulate_dtype,
         exclude_modules: Optional[list[str]] = None,
         calibration_datasets: Optional[DictConfig] = None,
+        calibration_split: Literal["train", "validation", "test"] = COLLECT.split,
+        calibration_padding: Literal["longest", "max_length"] = COLLECT.padding,
         seed: int = COLLECT.seed,
         **kwargs: Any,
     ):
@@ -50,7 +53,8 @@ class PAVEStatistics(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
             output_dir: the statistics directory to write (atomically: complete or absent).
             overwrite: replace an existing output_dir (only if it holds nothing but what we wrote).
             num_samples, num_rows, batch_size, max_length, mask_padding, accumulate_dtype,
-            exclude_modules, calibration_datasets, seed: as PAVE's keys of the same names; a PAVE run
+            exclude_modules, calibration_datasets, calibration_split, calibration_padding, seed: as
+                PAVE's keys of the same names; a PAVE run
                 with the same values collects the same statistics, bit for bit.
             kwargs: only Hydra/FusionBench keys (``_target_``, ...); any other key is a TypeError.
         """
@@ -60,7 +64,9 @@ class PAVEStatistics(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     def run(self, modelpool: BaseModelPool) -> None:
         check_collection(type(self), constructor_arguments(self))
         tasks = list(modelpool.model_names)
-        check_calibration_tasks(self.calibration_datasets, tasks)
+        check_task_names("calibration_datasets", self.calibration_datasets, tasks)
+        for task in tasks:
+            require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
         refuse_replacing_dir(self.output_dir, self.overwrite)  # on every process, before any work
         source = TaskStatistics(modelpool, self.collection, self.fabric, None, self.calibration_datasets)
         writing = self.fabric.is_global_zero
@@ -74,8 +80,7 @@ class PAVEStatistics(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
                     parts = source.key_parts(task, model, dataset)
                     if parts["preprocessor"] is None:
                         log.warning(f"task '{task}': the preprocessor cannot be fingerprinted; recorded as null")
-                    split = None if task in (self.calibration_datasets or {}) else "train"
-                    add(task, parts, stats, split)
+                    add(task, parts, stats)
         self.fabric.barrier()
         log.info(f"statistics of {len(tasks)} task(s) written to {self.output_dir}")
         return None

@@ -50,6 +50,8 @@ class CollectionSettings:
     accumulate_dtype: Literal["float32", "float64"] = "float64"
     seed: int = 42
     exclude: tuple[str, ...] = ()
+    split: Literal["train", "validation", "test"] = "train"
+    padding: Literal["longest", "max_length"] = "longest"
 
     def includes(self, name: str, module: nn.Module) -> bool:
         """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
@@ -67,8 +69,11 @@ class CollectionKeys:
 
     @property
     def collection(self) -> CollectionSettings:
-        return CollectionSettings(self.num_samples, self.num_rows, self.batch_size, self.max_length,
-                                  self.mask_padding, self.accumulate_dtype, self.seed, tuple(self.excluded_patterns))
+        return CollectionSettings(
+            num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
+            max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
+            seed=self.seed, exclude=tuple(self.excluded_patterns), split=self.calibration_split,
+            padding=self.calibration_padding)
 
 
 def open_run_cache(cache_dir: Optional[str], fabric: Any) -> Optional[CovarianceCache]:
@@ -126,7 +131,7 @@ class TaskStatistics:
         return self._preprocessor
 
     def dataset(self, task: str) -> Any:
-        return load_calibration_dataset(self.modelpool, task, self.calibration_datasets)
+        return load_calibration_dataset(self.modelpool, task, self.calibration_datasets, self.settings.split)
 
     def key_parts(self, task: str, model: nn.Module, dataset: Any) -> dict[str, Any]:
         """What this task's statistics are made from (the cache key parts); the preprocessor's
@@ -143,6 +148,8 @@ class TaskStatistics:
             "max_length": s.max_length,
             "dtype": s.accumulate_dtype,
             "exclude": list(s.exclude),
+            "split": s.split,
+            "padding": s.padding,
         }
 
     def cache_parts(self, task: str, model: nn.Module, dataset: Any) -> Optional[dict[str, Any]]:
@@ -191,7 +198,8 @@ class TaskStatistics:
             )
         mine = shard(indices, fabric.global_rank, fabric.world_size, settings.batch_size)
         batches = iter_batches(dataset, mine, self.preprocessor, model, task, batch_size=settings.batch_size,
-                               max_length=settings.max_length, mask_padding=settings.mask_padding)
+                               max_length=settings.max_length, mask_padding=settings.mask_padding,
+                               padding=settings.padding)
         batches = tqdm(batches, total=-(-len(mine) // settings.batch_size), desc=f"PAVE covariance [{task}]",
                        disable=not fabric.is_global_zero)
         stats = collect_covariance(model, batches, settings.includes, DTYPES[settings.accumulate_dtype],
