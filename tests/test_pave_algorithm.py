@@ -214,7 +214,7 @@ def test_cache_hit_gives_identical_output_and_atomic_files(tmp_path, monkeypatch
         handle.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(pave_cache, "save_stats", broken_save)
+    monkeypatch.setattr(pave_cache, "save_task_stats", broken_save)
     with pytest.raises(OSError, match="disk full"):
         pave(TIES, num_samples=10, cache_dir=str(tmp_path)).run(make_pool("clip"))
     assert sorted(os.listdir(tmp_path)) == files  # nothing half-written

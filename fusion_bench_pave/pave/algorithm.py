@@ -3,8 +3,9 @@ task-vector merger (TA, TIES, DARE+TIES, EMR, ...) unchanged on the purified mod
 
 Purified models are W_pre + tau_tilde = W_tilde for hooked Linear weights and W_ft for everything
 else, so the merger's own `W - W_pre` yields the purified task vectors. The work is done by
-task_statistics (statistics per task), purification (pure math over {task: {layer: W}}) and models
-(checks, DARE); this class loads, calls them, writes back and reports.
+task_statistics (statistics per task: collected, cached or from a statistics directory),
+purification (pure math over {task: {layer: W}}) and models (checks, DARE); this class loads,
+calls them, writes back and reports.
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_ke
 from fusion_bench_pave.pave.calibration import require_calibration_data
 from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_task_names
 from fusion_bench_pave.pave.covariance import CovarianceStats
-from fusion_bench_pave.pave.heads import head_modules
 from fusion_bench_pave.pave.models import LinearWeights, check_compatible, check_purifiable, dare_, on_device, pool_with_models
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
 from fusion_bench_pave.pave.purification import PurifySettings, purifiable_layers, purify
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
 from fusion_bench_pave.pave.report import report_summary, run_extras, write_extras
-from fusion_bench_pave.pave.task_statistics import CollectionSettings, TaskStatistics, open_run_cache
+from fusion_bench_pave.pave.task_statistics import (
+    CollectionKeys, CollectionSettings, StoredStatistics, TaskStatistics, open_run_cache,
+)
 from fusion_bench_pave.taskpool.compatibility import check_taskpool_fits
 
 log = logging.getLogger(__name__)
 
-HEADS = ["lm_head", "classifier", "score"]
 PURIFY, COLLECT = PurifySettings(), CollectionSettings()  # the defaults
 
 
 @auto_register_config
-class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
+class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     """Purify task vectors in the knowledge-aware subspace, then merge with `merger`."""
 
     def __init__(
@@ -70,6 +71,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         dare: Optional[DictConfig] = None,
         seed: int = COLLECT.seed,
         cache_dir: Optional[str] = None,
+        statistics: Optional[str] = None,
         covariance_offload: Offload = "auto",
         report_extras: bool = True,
         **kwargs: Any,
@@ -90,7 +92,8 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
                 None means the task heads (pave/heads.py: Linears outside a Hugging Face model's
-                body, the output embeddings, and any Linear named as in HEADS), [] purifies every Linear.
+                body, the output embeddings, and any Linear named as in task_statistics.HEADS),
+                [] purifies every Linear.
             calibration_datasets: optional {task: dataset path or config} overriding the pool's
                 splits; every task named must be a fine-tuned model of the pool.
             calibration_split: the pool's datasets calibration reads: "train" (train_datasets),
@@ -106,6 +109,10 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
             seed: seed of calibration sampling and DARE.
             cache_dir: directory of the covariance cache (None disables it). One that cannot be
                 created is skipped with a warning; a read-only one is read, not written.
+            statistics: optional directory written by method=pave_statistics: each task's statistics
+                are read from it (no calibration data or preprocessor needed; the collection keys
+                above and cache_dir are then unused). Statistics of another model, a task it lacks
+                or a Linear to purify that it excluded are refused before any purification.
             covariance_offload: where the statistics of all tasks wait for purification, which
                 reads one layer's covariances at a time: "memory", "disk" (the cache files, else a
                 temporary directory under TMPDIR removed at the end of the run) or "auto" (disk
@@ -122,34 +129,21 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         super().__init__(**kwargs)
         self.extras: dict[str, Any] = {}  # of the last run: see report.run_extras
 
-    def excluded_patterns(self, model: nn.Module) -> list[str]:
-        """Patterns of the Linear modules of `model` kept unpurified: the configured ones, else its
-        heads (HEADS and pave.heads.head_modules)."""
-        if self.exclude_modules is not None:
-            return list(self.exclude_modules)
-        return HEADS + sorted(head_modules(model))
-
-    def collection(self, model: nn.Module) -> CollectionSettings:
-        """How statistics of models shaped like `model` are collected."""
-        return CollectionSettings(
-            num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
-            max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
-            seed=self.seed, exclude=tuple(self.excluded_patterns(model)), split=self.calibration_split,
-            padding=self.calibration_padding)
-
     @property
     def purification(self) -> PurifySettings:
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
 
-    def statistics(self, modelpool: BaseModelPool, model: nn.Module) -> TaskStatistics:
-        """The statistics source of one run over `modelpool`, whose models are shaped like `model`."""
+    def statistics_source(self, modelpool: BaseModelPool, model: nn.Module) -> TaskStatistics:
+        """Collection over `modelpool`, whose models are shaped like `model`, with the cache opened once."""
         cache = open_run_cache(self.cache_dir, self.fabric)
         return TaskStatistics(modelpool, self.collection(model), self.fabric, cache, self.calibration_datasets)
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of one task, as a run collects them."""
-        return self.statistics(modelpool, model)(task, model)
+        if self.statistics is not None:
+            return StoredStatistics(self.statistics, [task])(task, model)
+        return self.statistics_source(modelpool, model)(task, model)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
         if not isinstance(modelpool, BaseModelPool):
@@ -159,15 +153,19 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         check_task_names("calibration_datasets", self.calibration_datasets, tasks)
         check_task_names("purify_tasks", self.purify_tasks, tasks)
         purified = [task for task in tasks if self.purify_tasks is None or task in self.purify_tasks]
+        stored = StoredStatistics(self.statistics, purified) if self.statistics is not None else None
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
-        statistics = self.statistics(modelpool, pretrained)
-        check_purifiable(pretrained, statistics.settings.includes, self.excluded_patterns(pretrained))
-        for task in purified:
+        includes = self.collection(pretrained).includes
+        check_purifiable(pretrained, includes, self.excluded_patterns(pretrained))
+        for task in purified if stored is None else ():
             require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
+        statistics = stored or self.statistics_source(modelpool, pretrained)
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
+        if stored is not None:  # marked, so that a nested merger reading them accepts the purified copies
+            stored.check({name: finetuned[name] for name in purified}, includes, mark=True)
 
         start = time.perf_counter()
         with CovarianceOffload(self.covariance_offload, len(purified)) as offload:

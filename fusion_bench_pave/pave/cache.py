@@ -1,10 +1,10 @@
 """On-disk cache of covariance statistics keyed by (model fingerprint, dataset, preprocessor,
-samples, masking, ...), so a sweep over rho or lambda collects statistics once. Writes are atomic
-(fusion_bench_pave.io.atomic); every entry is checked against its checksums before it is used."""
+samples, masking, ...), so a sweep over rho or lambda collects statistics once. Each entry is a task
+file of io/statistics.py, the same file a statistics directory (method=pave_statistics) holds. Writes
+are atomic (fusion_bench_pave.io.atomic); every entry is checked against its checksums before use."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from fusion_bench_pave.io.atomic import atomic_file
-from fusion_bench_pave.io.fingerprint import cache_key, canonical
-from fusion_bench_pave.io.statistics import load_stats, save_stats
+from fusion_bench_pave.io.fingerprint import canonical
+from fusion_bench_pave.io.statistics import load_task_stats, save_task_stats, task_file_name
 from fusion_bench_pave.pave.covariance import CovarianceStats
 
 log = logging.getLogger(__name__)
 
 
 class CovarianceCache:
-    """Directory of statistics files (io/statistics.py), one per key, recording the key parts they were
+    """Directory of task files (io/statistics.py), one per key, recording the key parts they were
     made from. Loaded statistics are lazy: each covariance is read from the file when used. The
     version in the file name keeps files of older formats (``pave_cov_<key>.pt``, ``pave_cov_v2_*``
     without checksums) out of reach. ``writable=False``: entries are read, never saved."""
@@ -29,22 +29,22 @@ class CovarianceCache:
         self.root = Path(root)
         self.writable = writable
 
-    def path(self, key: str) -> Path:
-        return self.root / f"pave_cov_v3_{key}.safetensors"
+    def path(self, parts: Mapping[str, Any]) -> Path:
+        return self.root / task_file_name(parts)
 
     def load(self, parts: Mapping[str, Any]) -> Optional[CovarianceStats]:
         """Cached statistics for these key parts, or None. The whole entry is read once and checked
         against its checksums first (one tensor at a time), so a damaged entry is recomputed before
         any of it is used; later reads are checked again (io.safetensors.LazyTensors)."""
-        path = self.path(cache_key(parts))
+        path = self.path(parts)
         if not path.exists():
             return None
         try:
-            stats, metadata = load_stats(path)
+            stats, recorded = load_task_stats(path)
         except Exception as error:  # truncated/corrupt file (e.g. written by another tool): recompute
             log.warning(f"covariance cache entry {path} is unreadable; recomputing it: {error}")
             return None
-        if json.loads(metadata.get("parts", "null")) != canonical(parts):
+        if recorded != canonical(parts):
             stats.xtx.close()
             log.warning(f"ignoring covariance cache {path}: key parts differ (hash collision?)")
             return None
@@ -59,9 +59,9 @@ class CovarianceCache:
 
     def save(self, parts: Mapping[str, Any], stats: CovarianceStats) -> Path:
         """Write atomically: a reader sees the old file, the new file, or nothing; never half a file."""
-        path = self.path(cache_key(parts))
+        path = self.path(parts)
         with atomic_file(path, "wb") as handle:
-            save_stats(handle, stats, {"parts": json.dumps(canonical(parts), sort_keys=True)})
+            save_task_stats(handle, stats, parts)
         return path
 
 

@@ -72,31 +72,40 @@ def is_task_vector_method(merger_class: type) -> bool:
 
 def check_hyperparameters(cls: type, arguments: Mapping[str, Any]) -> None:
     """Types, ranges and choices of PAVE's constructor ``arguments`` (``cls`` gives the types), and its merger."""
-    check_argument_types(cls, arguments)
+    check_collection(cls, arguments)
     if not 0 < arguments["rho"] <= 1:
         raise ValueError(f"rho must be in (0, 1], got {arguments['rho']}; rho=1 keeps every component.")
-    for name in ("num_samples", "batch_size", "max_length"):
-        if arguments[name] < 1:
-            raise ValueError(f"{name} must be >= 1, got {arguments[name]}")
-    if arguments["num_rows"] is not None and arguments["num_rows"] < 1:
-        raise ValueError(f"num_rows must be >= 1 or null, got {arguments['num_rows']}")
     for name in ("eps0", "eps_tol", "relative_alpha"):
         if not arguments[name] > 0:
             raise ValueError(f"{name} must be > 0, got {arguments[name]}")
     choices = {
         "allocation": get_args(Allocation),
         "regularization": get_args(Regularization),
-        "accumulate_dtype": tuple(DTYPES),
         "covariance_offload": get_args(Offload),
-        "calibration_split": tuple(SPLITS),
-        "calibration_padding": ("longest", "max_length"),
     }
-    for name, allowed in choices.items():
-        if arguments[name] not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {arguments[name]!r}")
+    check_choices(arguments, choices)
     if arguments["dare"]:
         check_dare(arguments["dare"])
     check_merger(arguments["merger"])
+
+
+def check_collection(cls: type, arguments: Mapping[str, Any]) -> None:
+    """Types of ``cls``'s constructor ``arguments`` and ranges of the statistics collection keys
+    (PAVE's and pave_statistics')."""
+    check_argument_types(cls, arguments)
+    for name in ("num_samples", "batch_size", "max_length"):
+        if arguments[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {arguments[name]}")
+    if arguments["num_rows"] is not None and arguments["num_rows"] < 1:
+        raise ValueError(f"num_rows must be >= 1 or null, got {arguments['num_rows']}")
+    check_choices(arguments, {"accumulate_dtype": tuple(DTYPES), "calibration_split": tuple(SPLITS),
+                              "calibration_padding": ("longest", "max_length")})
+
+
+def check_choices(arguments: Mapping[str, Any], choices: Mapping[str, tuple]) -> None:
+    for name, allowed in choices.items():
+        if arguments[name] not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {arguments[name]!r}")
 
 
 DARE_KEYS = {"sparsity_ratio": "a number in [0, 1)", "rescale": "true or false", "only_on_linear_weights": "true or false"}

@@ -1,18 +1,20 @@
 """Each task's input statistics for one PAVE run: read from the covariance cache, or collected
-(sharded over DDP processes, all-reduced, checked) and then cached."""
+(sharded over DDP processes, all-reduced, checked) and then cached; or read from a statistics
+directory written by method=pave_statistics, checked against the models first."""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench_pave.io.fingerprint import fingerprint_state_dict
+from fusion_bench_pave.io.statistics import load_task_from_dir, read_statistics_index
 from fusion_bench_pave.pave.cache import CovarianceCache, open_cache
 from fusion_bench_pave.pave.calibration import (
     dataset_fingerprint,
@@ -24,10 +26,16 @@ from fusion_bench_pave.pave.calibration import (
     shard,
 )
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
+from fusion_bench_pave.pave.heads import head_modules
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HEADS = ["lm_head", "classifier", "score"]
+#: Attribute of a model checked against a statistics directory: the fingerprint of the model its
+#: statistics were collected on, so a nested merger reading the same directory accepts PAVE's
+#: purified copy of it.
+STATISTICS_OF = "pave_statistics_of"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,26 @@ class CollectionSettings:
     def includes(self, name: str, module: nn.Module) -> bool:
         """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
         return not any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in self.exclude)
+
+
+class CollectionKeys:
+    """The settings of statistics collection from a class's constructor keys of the same names
+    (PAVE's and pave_statistics'); exclude_modules=None means the model's task heads."""
+
+    def excluded_patterns(self, model: nn.Module) -> list[str]:
+        """Patterns of the Linears of `model` without statistics: the configured ones, else its heads
+        (HEADS and pave.heads.head_modules)."""
+        if self.exclude_modules is not None:
+            return list(self.exclude_modules)
+        return HEADS + sorted(head_modules(model))
+
+    def collection(self, model: nn.Module) -> CollectionSettings:
+        """How statistics of models shaped like `model` are collected."""
+        return CollectionSettings(
+            num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
+            max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
+            seed=self.seed, exclude=tuple(self.excluded_patterns(model)), split=self.calibration_split,
+            padding=self.calibration_padding)
 
 
 def open_run_cache(cache_dir: Optional[str], fabric: Any) -> Optional[CovarianceCache]:
@@ -105,20 +133,17 @@ class TaskStatistics:
             self._preprocessor = load_preprocessor(self.modelpool)
         return self._preprocessor
 
-    def cache_parts(self, task: str, model: nn.Module, dataset: Any) -> Optional[dict[str, Any]]:
-        """The cache key parts of this task's statistics, or None (and the cache off for the rest of
-        the run) if the preprocessor cannot be fingerprinted."""
-        fingerprint = preprocessor_fingerprint(self.preprocessor)
-        if fingerprint is None:
-            log.warning(f"cannot fingerprint the preprocessor ({type(self.preprocessor).__name__}); "
-                        "the covariance cache is not used in this run.")
-            self.cache = None
-            return None
+    def dataset(self, task: str) -> Any:
+        return load_calibration_dataset(self.modelpool, task, self.calibration_datasets, self.settings.split)
+
+    def key_parts(self, task: str, model: nn.Module, dataset: Any) -> dict[str, Any]:
+        """What this task's statistics are made from (the cache key parts); the preprocessor's
+        fingerprint is None if it cannot be fingerprinted."""
         s = self.settings
         return {
             "model": fingerprint_state_dict(model.state_dict()),
             "dataset": dataset_fingerprint(dataset, task),
-            "preprocessor": fingerprint,
+            "preprocessor": preprocessor_fingerprint(self.preprocessor),
             "num_samples": s.num_samples,
             "num_rows": s.num_rows,
             "seed": s.seed,
@@ -130,18 +155,40 @@ class TaskStatistics:
             "padding": s.padding,
         }
 
+    def cache_parts(self, task: str, model: nn.Module, dataset: Any) -> Optional[dict[str, Any]]:
+        """The cache key parts of this task's statistics, or None (and the cache off for the rest of
+        the run) if the preprocessor cannot be fingerprinted."""
+        parts = self.key_parts(task, model, dataset)
+        if parts["preprocessor"] is None:
+            log.warning(f"cannot fingerprint the preprocessor ({type(self.preprocessor).__name__}); "
+                        "the covariance cache is not used in this run.")
+            self.cache = None
+            return None
+        return parts
+
     def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
-        """Input statistics of every included Linear of `model` on the task's calibration samples;
-        with several processes each takes a shard and the sums are all-reduced. Statistics from the
-        cache (also right after saving them there) are read lazily from it."""
-        settings, fabric = self.settings, self.fabric
-        dataset = load_calibration_dataset(self.modelpool, task, self.calibration_datasets, settings.split)
-        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
+        """Input statistics of every included Linear of `model` on the task's calibration samples,
+        from the cache or collected (`collect`) and then cached. Statistics from the cache (also right
+        after saving them there) are read lazily from it."""
+        dataset = self.dataset(task)
         parts = self.cache_parts(task, model, dataset) if self.cache is not None else None
         if parts is not None and (stats := self.cache.load(parts)) is not None:
             log.info(f"task '{task}': covariance statistics from the cache")
             self.hits.append(task)
             return stats
+        stats = self.collect(task, model, dataset)
+        if self.cache is None or not self.cache.writable:
+            return stats
+        if self.fabric.is_global_zero:
+            self.cache.save(parts, stats)
+        self.fabric.barrier()
+        return self.cache.load(parts) or stats  # in memory if this process cannot see rank 0's cache
+
+    def collect(self, task: str, model: nn.Module, dataset: Any) -> CovarianceStats:
+        """Collect the statistics on the CPU; with several processes each takes a shard of the
+        calibration batches and the sums are all-reduced."""
+        settings, fabric = self.settings, self.fabric
+        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
         if settings.num_rows is not None and fabric.world_size > 1:
             raise ValueError(
                 "num_rows takes the first rows in calibration order, which one process cannot know "
@@ -163,10 +210,53 @@ class TaskStatistics:
         if fabric.world_size > 1:
             stats = stats.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
         check_statistics(task, stats, settings)  # after the all-reduce: the same verdict on every rank
-        stats = stats.to("cpu")  # collected on the model's device; cached, offloaded and purified on the CPU
-        if self.cache is None or not self.cache.writable:
-            return stats
-        if fabric.is_global_zero:
-            self.cache.save(parts, stats)
-        fabric.barrier()
-        return self.cache.load(parts) or stats  # in memory if this process cannot see rank 0's cache
+        return stats.to("cpu")  # collected on the model's device; cached, offloaded and purified on the CPU
+
+
+class StoredStatistics:
+    """Each task's statistics from a statistics directory (io/statistics.py), restricted to the
+    Linears that the `includes` given to `check` selects (all before). `check` refuses models they
+    were not collected on, before any use."""
+
+    def __init__(self, directory: str, tasks: list[str]):
+        self.directory = directory
+        self.includes: Callable[[str, Optional[nn.Module]], bool] = lambda name, module: True
+        self.index = read_statistics_index(directory)
+        self.hits: list[str] = []  # none come from the covariance cache
+        if missing := [task for task in tasks if task not in self.index]:
+            raise ValueError(
+                f"statistics={directory} has no statistics of task(s) {missing} (it holds {sorted(self.index)}); "
+                "write them for this pool with method=pave_statistics"
+            )
+
+    def check(self, models: Mapping[str, nn.Module], includes: Callable[[str, Optional[nn.Module]], bool],
+              mark: bool = False) -> None:
+        """ValueError naming the task and the mismatch if a model is not the one its statistics were
+        collected on (or, marked with STATISTICS_OF, a copy of it), or a Linear that `includes`
+        selects was excluded from them; later reads keep only those Linears. With `mark` (a caller's
+        own copies), each model is then marked with STATISTICS_OF."""
+        self.includes = includes
+        for task, model in models.items():
+            entry = self.index[task]
+            fingerprint = getattr(model, STATISTICS_OF, None) or fingerprint_state_dict(model.state_dict())
+            if fingerprint != entry["model"]:
+                raise ValueError(
+                    f"task '{task}': the statistics in {self.directory} were collected on another model "
+                    f"(fingerprint {entry['model']}, this model's is {fingerprint}); recompute them for "
+                    "this pool with method=pave_statistics"
+                )
+            recorded = CollectionSettings(exclude=tuple(entry["exclude"]))
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear) and self.includes(name, module) and not recorded.includes(name, module):
+                    raise ValueError(
+                        f"task '{task}': Linear '{name}' needs statistics but {self.directory} has none "
+                        f"of it (collected with exclude_modules={entry['exclude']}); exclude it here too or "
+                        "recompute the statistics with these exclude_modules"
+                    )
+            if mark:
+                setattr(model, STATISTICS_OF, fingerprint)
+
+    def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
+        stats = load_task_from_dir(self.directory, task, self.index[task])
+        stats.input_of = {layer: key for layer, key in stats.input_of.items() if self.includes(layer, None)}
+        return stats
