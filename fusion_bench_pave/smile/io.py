@@ -20,6 +20,7 @@ import safetensors.torch
 from torch import nn
 
 from fusion_bench_pave.atomic import atomic_output_dir
+from fusion_bench_pave.linear_layers import linear_features
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.upscale import set_module
 
@@ -76,8 +77,8 @@ def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     weights = path / WEIGHTS_OF_FORMAT[manifest["format"]]
     for name, spec in manifest["modules"].items():
         old = base.get_submodule(name)
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}), base model has {old}")
+        if linear_features(old) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}) or Conv1D, base model has {old}")
         set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
     try:
         safetensors.torch.load_model(base, str(weights), strict=True)
