@@ -12,29 +12,38 @@ loudly that they leave them as they are.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Callable
 
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+
+def _conv1d_type() -> type | None:
+    """transformers' Conv1D class if transformers is loaded (no instance can exist otherwise), so
+    this module imports with torch alone."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def is_linear(module: nn.Module) -> bool:
     """An nn.Linear (or subclass) or a transformers Conv1D."""
-    return isinstance(module, LINEAR_TYPES)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def linear_weight(module: nn.Module) -> Tensor:
     """The weight as [out, in] (a view for Conv1D: no copy)."""
     weight = module.weight.data
-    return weight.T if isinstance(module, Conv1D) else weight
+    return weight.T if is_conv1d(module) else weight
 
 
 def set_linear_weight(module: nn.Module, weight: Tensor) -> None:
     """Store `weight` [out, in] in the module's layout (contiguous, as safetensors needs)."""
-    module.weight.data = weight.T.contiguous() if isinstance(module, Conv1D) else weight
+    module.weight.data = weight.T.contiguous() if is_conv1d(module) else weight
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
@@ -48,7 +57,7 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
 def is_exactly_linear(module: nn.Module) -> bool:
     """An nn.Linear or Conv1D itself, not a subclass: a module some parent may bypass (nn.MultiheadAttention
     reads its NonDynamicallyQuantizableLinear out_proj's weight without calling it) is not replaceable."""
-    return type(module) in LINEAR_TYPES
+    return type(module) is nn.Linear or type(module) is _conv1d_type()
 
 
 def unhandled_weight_modules(model: nn.Module, handled: Callable[[nn.Module], bool] = is_linear) -> dict[str, str]:

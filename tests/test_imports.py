@@ -13,6 +13,7 @@ MATH_MODULES = [
     "fusion_bench_pave.pave.rank_allocation", "fusion_bench_pave.pave.stats_file", "fusion_bench_pave.pave.offload",
     "fusion_bench_pave.smile.svd", "fusion_bench_pave.smile.decompose", "fusion_bench_pave.smile.linear",
     "fusion_bench_pave.smile.upscale", "fusion_bench_pave.pave.purification", "fusion_bench_pave.tensor_checks",
+    "fusion_bench_pave.linear_layers",
 ]
 HEAVY = ["fusion_bench", "omegaconf", "hydra", "lightning", "matplotlib", "transformers", "datasets"]
 
