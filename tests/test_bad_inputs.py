@@ -426,9 +426,10 @@ ROWS = [
     ("pave: data-dependent merger (RegMean)", pave_first(merger={"_target_": "fusion_bench.method.RegMeanAlgorithmForCLIP"}),
      ValueError, r"RegMeanAlgorithmForCLIP' is not a task-vector method"),
     ("pave: exclude_modules excludes every Linear", pave_first(pretrained=True, exclude_modules=["*"]),
-     ValueError, r"exclude_modules=\['\*'\] excludes all 12 nn\.Linear modules of the model, so PAVE would purify nothing"),
+     ValueError, r"exclude_modules=\['\*'\] excludes all 12 linear layers of the model, so PAVE would purify nothing"),
     ("pave: model without any nn.Linear", no_linear_pool,
-     ValueError, r"the model \(Sequential\) has no nn\.Linear module; PAVE purifies nn\.Linear weights only"),
+     ValueError, r"the model \(Sequential\) has no nn\.Linear or transformers Conv1D module; PAVE purifies the "
+                 r"weights of those only"),
     ("pave: T5 pool with a CLIP task pool", pave_first(pretrained=True, kind="t5", program=program_with_taskpool("clip")),
      ValueError, r"the task pool CLIPVisionTaskPool evaluates image models \(pixel_values input\), but the model pool "
                  r"CalibrationPool holds language models \(input_ids input, LM head\) \(its pretrained model is a T5ForConditionalGeneration\)"),

@@ -121,3 +121,11 @@ def test_saved_smile_gpt2_reloads_into_the_pretrained_architecture(family, tmp_p
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     expected = model.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+
+
+def test_exclude_modules_and_the_purifiable_check_see_conv1d_layers():
+    algo = pave(TA, rho=0.6, exclude_modules=["c_attn", "*.mlp.c_fc", "lm_head"])
+    algo.run(make_pool("gpt2", tasks=2))
+    assert sorted(algo.extras["full_ranks"]) == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    with pytest.raises(ValueError, match=r"excludes all 9 linear layers of the model"):  # 8 Conv1D + lm_head
+        pave(TA, exclude_modules=["*"]).run(make_pool("gpt2", tasks=1))
