@@ -89,3 +89,11 @@ def test_named_heads_are_upscaled_and_changed_heads_are_reported(caplog):
     assert "Linear x1 (classifier)" in caplog.text
     _, report = upscale_model(copy.deepcopy(base), finetuned, gate_k=2, k=4, target_modules=[".*"], progress=False)
     assert "classifier" in report.upscaled and report.ranks["classifier"] == (2, 3) and not report.heads
+
+
+def test_only_changed_heads_is_an_error_that_says_how_to_upscale_them():
+    base = Classifier()
+    finetuned = noisy_copies(base, 2, only=r"classifier")
+    with pytest.raises(ValueError, match=r"no linear layer outside the heads \['classifier'\] \(name them in "
+                                         r"target_modules to upscale them\) differs .*; nothing to upscale"):
+        upscale_model(copy.deepcopy(base), finetuned, gate_k=2, k=4, progress=False)

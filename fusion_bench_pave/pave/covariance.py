@@ -1,4 +1,5 @@
-"""Streaming input covariances of every linear layer (nn.Linear, transformers Conv1D): forward hooks accumulate X^T X and a token count.
+"""Streaming input covariances of every linear layer (nn.Linear, transformers Conv1D, which read the
+same [..., in] input): forward hooks accumulate X^T X and a token count.
 
 Activations are never stored: each hook folds its batch into a running [in, in] sum. Linears that
 consume the very same input tensor in one forward (q/k/v, gate/up, T5 cross-attention k/v) share one

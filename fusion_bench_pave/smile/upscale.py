@@ -140,16 +140,18 @@ def upscale_model(
             report.not_targeted.append(name)
             continue
         w0, ws, bs = linear_weight(module), [linear_weight(e) for e in experts], [e.bias for e in experts]
-        report.ranks[name] = layer_ranks(w0.shape, gate_k, k)
-        check_layer_inputs(name, w0, ws, module.bias, bs, *report.ranks[name])
+        ranks = layer_ranks(w0.shape, gate_k, k)
+        check_layer_inputs(name, w0, ws, module.bias, bs, *ranks)
         if layer_changed(w0, ws, module.bias, bs):
             plan.append((name, module, experts))
+            report.ranks[name] = ranks
         else:
             report.unchanged.append(name)
-            del report.ranks[name]
     if not plan:
         hint = f" matching target_modules={list(target_modules)}" if target_modules is not None else ""
-        raise ValueError(f"no nn.Linear{hint} differs between the pretrained and the fine-tuned models; nothing to upscale")
+        if report.heads:
+            hint += f" outside the heads {report.heads} (name them in target_modules to upscale them)"
+        raise ValueError(f"no linear layer{hint} differs between the pretrained and the fine-tuned models; nothing to upscale")
     leaves = [
         (name, module) for name, module in pretrained.named_modules()
         if average_experts and not is_exactly_linear(module) and not list(module.children())
