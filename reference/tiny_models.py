@@ -28,6 +28,8 @@ DECODER_KINDS = {
     "phi3": dict(pad_token_id=0, eos_token_id=1),
 }
 BERT = dict(TOWER, num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+GPT2 = dict(n_embd=TOWER["hidden_size"], n_layer=TOWER["num_hidden_layers"], n_head=2, n_positions=64, vocab_size=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=1)
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -89,6 +91,16 @@ def encoder(kind: str = "bert", seed: int = 0, num_labels: int | None = None, **
     cls = getattr(transformers, f"{prefix}Model" if num_labels is None else f"{prefix}ForSequenceClassification")
     torch.manual_seed(seed)
     return cls(getattr(transformers, f"{prefix}Config")(**settings)).eval()
+
+
+def gpt2(seed: int = 0, classifier: bool = False, **config) -> nn.Module:
+    """A GPT-2 (transformers ``Conv1D`` layers, weight [in, out]): ``GPT2LMHeadModel`` (lm_head tied to
+    the token embedding) or, with ``classifier``, ``GPT2ForSequenceClassification`` (3 labels)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cls = GPT2ForSequenceClassification if classifier else GPT2LMHeadModel
+    return cls(GPT2Config(**{**GPT2, "num_labels": 3, **config})).eval()
 
 
 def tokenizer(words: list[str] = WORDS):

@@ -1,4 +1,4 @@
-"""Tiny in-process model pools for the PAVE tests: CLIP vision, T5 and Mistral (reference.tiny_models)
+"""Tiny in-process model pools for the PAVE tests: CLIP vision, T5, Mistral and GPT-2 (reference.tiny_models)
 with a word-level tokenizer, perturbed fine-tuned copies and small train splits. Nothing is downloaded."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from fusion_bench import BaseModelPool
-from reference.tiny_models import WORDS, clip_vision, decoder, perturbed, t5, tokenizer
+from reference.tiny_models import WORDS, clip_vision, decoder, gpt2, perturbed, t5, tokenizer
 
 # the PAVE tests' T5 and Mistral: reference.tiny_models' defaults with these fields
 T5 = dict(vocab_size=64, d_kv=16, num_heads=2, feed_forward_proj="relu", eos_token_id=1)
@@ -60,7 +60,8 @@ def text_dataset(n: int, seed: int) -> Dataset:
 
 
 def make_pool(kind: str = "clip", tasks: int = 3, rows: int = 24, dtype: torch.dtype = torch.float32) -> CalibrationPool:
-    """Pretrained + `tasks` perturbed fine-tuned copies of a tiny model, with train splits."""
+    """Pretrained + `tasks` perturbed fine-tuned copies of a tiny model, with train splits. `kind`:
+    clip, t5, mistral, gpt2 (LM head) or gpt2_classifier."""
     if kind == "clip":
         from transformers import CLIPImageProcessor
 
@@ -69,7 +70,9 @@ def make_pool(kind: str = "clip", tasks: int = 3, rows: int = 24, dtype: torch.d
         data = lambda s: image_dataset(rows, s)  # noqa: E731
         data_kind = "image"
     else:
-        base = t5(**T5) if kind == "t5" else decoder("mistral", **MISTRAL).to(dtype)
+        builders = {"t5": lambda: t5(**T5), "gpt2": gpt2, "gpt2_classifier": lambda: gpt2(classifier=True),
+                    "mistral": lambda: decoder("mistral", **MISTRAL)}
+        base = builders[kind]().to(dtype)
         pre = tokenizer()
         data = lambda s: text_dataset(rows, s)  # noqa: E731
         data_kind = "text"

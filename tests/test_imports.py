@@ -16,7 +16,7 @@ MATH_MODULES = [
     "fusion_bench_pave.io.atomic", "fusion_bench_pave.io.safetensors",
     "fusion_bench_pave.io.statistics", "fusion_bench_pave.io.fingerprint", "fusion_bench_pave.io.smile",
     "fusion_bench_pave.smile.upscale", "fusion_bench_pave.merging.task_arithmetic", "fusion_bench_pave.merging.ties",
-    "fusion_bench_pave.merging.dare", "fusion_bench_pave.merging.kth_magnitude", "fusion_bench_pave.merging.stream",
+    "fusion_bench_pave.merging.dare", "fusion_bench_pave.merging.kth_magnitude", "fusion_bench_pave.merging.stream", "fusion_bench_pave.linear_layers",
 ]
 HEAVY = ["fusion_bench", "omegaconf", "hydra", "lightning", "matplotlib", "transformers", "datasets"]
 

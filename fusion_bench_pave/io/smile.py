@@ -26,6 +26,7 @@ from torch import nn
 
 from fusion_bench_pave.io.atomic import atomic_output_dir
 from fusion_bench_pave.io.formats import ModelFormat
+from fusion_bench_pave.linear_layers import linear_features
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.upscale import set_module
 
@@ -123,8 +124,8 @@ def load_smile_model(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             old = base.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path / MANIFEST}: the base model has no module {name}; {SAME_BASE}") from None
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}), base model has {old}")
+        if linear_features(old) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{name}: checkpoint expects a Linear({spec['in_features']}, {spec['out_features']}) or Conv1D, base model has {old}")
         set_module(base, name, SmileLinear(device=old.weight.device, dtype=old.weight.dtype, **spec))
     tie_tensors(base, tied, path)
     try:

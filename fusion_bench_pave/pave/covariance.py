@@ -1,4 +1,5 @@
-"""Streaming input covariances of every nn.Linear: forward hooks accumulate X^T X and a token count.
+"""Streaming input covariances of every linear layer (nn.Linear, transformers Conv1D, which read the
+same [..., in] input): forward hooks accumulate X^T X and a token count.
 
 Activations are never stored: each hook folds its batch into a running [in, in] sum. Linears that
 consume the very same input tensor in one forward (q/k/v, gate/up, T5 cross-attention k/v) share one
@@ -25,7 +26,9 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-LinearFilter = Callable[[str, nn.Linear], bool]
+from fusion_bench_pave.linear_layers import is_linear
+
+LinearFilter = Callable[[str, nn.Module], bool]
 BLOCK = 256  # rows per block of the lower-triangle updates
 
 
@@ -88,7 +91,7 @@ class CovarianceStats:
 
 
 class CovarianceCollector:
-    """Context manager hooking the Linears of `model`; call `set_token_mask` before each forward."""
+    """Context manager hooking the linear layers of `model`; call `set_token_mask` before each forward."""
 
     def __init__(
         self,
@@ -110,7 +113,7 @@ class CovarianceCollector:
 
     def __enter__(self) -> "CovarianceCollector":
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear) and self.include(name, module):
+            if is_linear(module) and self.include(name, module):
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self
 

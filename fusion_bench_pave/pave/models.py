@@ -1,9 +1,10 @@
-"""PAVE's side of a pool's nn.Modules: Linear weights as {layer: W}, checks before any work,
-DARE on raw deltas, and the device of statistics collection."""
+"""PAVE's side of a pool's nn.Modules: linear-layer weights as {layer: W [out, in]}, checks before
+any work, DARE on raw deltas, and the device of statistics collection."""
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -12,18 +13,22 @@ import torch
 from fusion_bench.method.dare.utils import param_random_drop_
 from torch import Tensor, nn
 
+from fusion_bench_pave.linear_layers import is_linear, linear_weight, set_linear_weight, type_summary, unhandled_weight_modules
 from fusion_bench_pave.tensor_checks import first_nonfinite, first_shape_mismatch
+
+log = logging.getLogger(__name__)
 
 
 class LinearWeights(Mapping[str, Tensor]):
-    """The current weight [out, in] of each nn.Linear of a model, by module name; read at access
-    time, so a weight written back is what the next read sees and no old tensor is held."""
+    """The current weight [out, in] of each linear layer (nn.Linear, transformers Conv1D, whose
+    [in, out] weight is seen transposed) of a model, by module name; read at access time, so a
+    weight written back is what the next read sees and no old tensor is held."""
 
     def __init__(self, model: nn.Module):
-        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.modules = {name: m for name, m in model.named_modules() if is_linear(m)}
 
     def __getitem__(self, layer: str) -> Tensor:
-        return self.modules[layer].weight.data
+        return linear_weight(self.modules[layer])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
@@ -32,23 +37,31 @@ class LinearWeights(Mapping[str, Tensor]):
         return len(self.modules)
 
     def write(self, layer: str, weight: Tensor) -> None:
-        self.modules[layer].weight.data = weight
+        """Store `weight` [out, in] in the module's own layout."""
+        set_linear_weight(self.modules[layer], weight)
 
 
 def check_purifiable(model: nn.Module, includes: Callable[[str, nn.Module], bool], patterns: list[str]) -> None:
-    """ValueError unless `model` has a Linear that `includes` leaves to purify: a run that purifies
-    nothing would report the merger's result as PAVE's."""
+    """ValueError unless `model` has a linear layer that `includes` leaves to purify: a run that
+    purifies nothing would report the merger's result as PAVE's. Warns about the other modules
+    with a weight matrix (Conv2d, nn.MultiheadAttention, custom layers): their task vectors reach
+    the merger unpurified."""
     linears = LinearWeights(model).modules
     if not linears:
         raise ValueError(
-            f"the model ({type(model).__name__}) has no nn.Linear module; PAVE purifies nn.Linear "
-            "weights only, so it would purify nothing."
+            f"the model ({type(model).__name__}) has no nn.Linear or transformers Conv1D module; PAVE "
+            "purifies the weights of those only, so it would purify nothing."
         )
     if not any(includes(name, module) for name, module in linears.items()):
         raise ValueError(
-            f"exclude_modules={patterns} excludes all {len(linears)} nn.Linear modules of the model, so "
+            f"exclude_modules={patterns} excludes all {len(linears)} linear layers of the model, so "
             "PAVE would purify nothing; narrow the patterns (null excludes only the heads, [] purifies "
             "every Linear)."
+        )
+    if others := unhandled_weight_modules(model):
+        log.warning(
+            "PAVE purifies nn.Linear and transformers Conv1D weights only; the task vectors of these "
+            f"modules go to the merger unpurified: {type_summary(others)}"
         )
 
 
@@ -80,14 +93,16 @@ def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) 
 def dare_(pretrained: nn.Module, finetuned: Mapping[str, nn.Module], config: Mapping, seed: int) -> None:
     """DARE on raw deltas, in place: W_ft <- W_pre + drop(W_ft - W_pre) with FusionBench's random
     drop, seeded; the draws follow its DareTiesMerging (models in pool order, parameters in module
-    order, or only Linear weights with only_on_linear_weights)."""
+    order, or only nn.Linear weights with only_on_linear_weights: as there, Conv1D weights are not
+    dropped then)."""
     ratio, rescale = float(config["sparsity_ratio"]), bool(config.get("rescale", True))
     reference = dict(pretrained.named_parameters(remove_duplicate=False))  # tied lm_head included
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for model in finetuned.values():
             if config.get("only_on_linear_weights", False):
-                params = [(f"{n}.weight" if n else "weight", m.weight) for n, m in LinearWeights(model).modules.items()]
+                params = [(f"{n}.weight" if n else "weight", m.weight) for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear)]
             else:
                 params = list(model.named_parameters())
             for name, param in params:

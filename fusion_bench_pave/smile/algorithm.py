@@ -49,8 +49,9 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
     ``average_experts``, ``device`` (where the models live), ``upscaling_accelerator`` (where SVDs
     run), ``model_path`` (cache: loaded if it exists and was built with the same settings from the
     same models, refused if not; else the result is saved there with that record). Extra:
-    ``target_modules`` (regexes over module names, default all ``nn.Linear``), ``dtype`` of the
-    result, ``svd_method`` (auto | full | randomized).
+    ``target_modules`` (regexes over module names, default every ``nn.Linear`` / ``Conv1D`` but
+    the task heads), ``dtype`` of the result, ``svd_method`` (auto | full | randomized). gate_k
+    and k are clamped per layer to its full rank (``decompose.layer_ranks``).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
             "routing_use_diff": self.routing_use_diff, "average_experts": self.average_experts,
             "target_modules": None if self.target_modules is None else list(self.target_modules),
             "dtype": parse_dtype(self.dtype), "svd_method": self.svd_method,
+            "layer_rules": "heads kept unless targeted; ranks clamped per layer",
         }
 
 

@@ -40,6 +40,18 @@ def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor |
         raise ValueError(f"{name}: k={k} out of range (<= 0 for dense experts or [1, {max_rank}]) for a {w0.shape[0]}x{w0.shape[1]} weight")
 
 
+def layer_ranks(shape: Sequence[int], gate_k: int, k: int) -> tuple[int, int]:
+    """The (gate_k, k) one layer of weight shape [out, in] takes from the model-wide settings.
+
+    The rule: both are clamped to the layer's full rank R = min(out, in), where an expert of rank
+    R is already exact, so one setting fits every layer (a 2-row classifier, the narrow k/v
+    projections of grouped-query attention). k <= 0 (dense experts) is kept; gate_k < 1 is left
+    for `check_layer_inputs` to refuse.
+    """
+    full = min(shape)
+    return min(gate_k, full), (min(k, full) if k > 0 else k)
+
+
 def layer_changed(w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None = None, bs: Sequence[Tensor | None] = ()) -> bool:
     """True if any fine-tuned weight or bias differs (exactly) from the pretrained one."""
     return any(not torch.equal(w, w0) for w in ws) or (b0 is not None and any(not torch.equal(b, b0) for b in bs if b is not None))

@@ -1,7 +1,13 @@
-"""Model surgery: replace every changed ``nn.Linear`` of a pretrained model by a ``SmileLinear``.
+"""Model surgery: replace every changed linear layer of a pretrained model by a ``SmileLinear``.
 
-Works for any architecture (CLIP vision, T5, ...): modules are matched by name between the
-pretrained model and the fine-tuned copies. The fine-tuned models are only read, never modified.
+Works for any architecture (CLIP vision, T5, BERT, GPT-2, Llama, ...): modules are matched by name
+between the pretrained model and the fine-tuned copies, which are only read, never modified. A
+linear layer is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2; weight [in, out]): a Conv1D
+becomes a ``SmileLinear`` holding its transposed weight, the same map x W + b, so the model saves
+and reloads like any other. The task heads (``head_modules``) are left pretrained unless
+``target_modules`` names them: a head is what one task adds, not an expert of the shared body.
+Ranks are clamped per layer (``decompose.layer_ranks``). Changed weights that stay pretrained
+(heads, norms, convolutions, ... unless averaged) are reported and logged as a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, smile_tensors
+from fusion_bench_pave.linear_layers import is_exactly_linear, linear_features, linear_weight, type_summary
+from fusion_bench_pave.pave.heads import head_modules
+from fusion_bench_pave.smile.decompose import check_layer_inputs, layer_changed, layer_ranks, smile_tensors
 from fusion_bench_pave.smile.linear import SmileLinear
 from fusion_bench_pave.smile.svd import SvdMethod
 
@@ -24,12 +32,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UpscaleReport:
-    """Which modules were upscaled, left pretrained (unchanged / not targeted) or averaged."""
+    """Which linear layers were upscaled (with their ranks), left pretrained (unchanged, not
+    targeted, heads) and which other modules were averaged or kept pretrained although changed."""
 
     upscaled: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     not_targeted: list[str] = field(default_factory=list)
     averaged: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
+    ranks: dict[str, tuple[int, int]] = field(default_factory=dict)  # upscaled layer: (gate_k, k)
+    kept_pretrained: dict[str, str] = field(default_factory=dict)  # changed, not upscaled/averaged: type
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -55,12 +67,29 @@ def _counterparts(name: str, models: Sequence[nn.Module], kind: type[nn.Module])
     return found
 
 
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+
+
+def changed_modules(pretrained: nn.Module, finetuned: Sequence[nn.Module], skip: set[str]) -> dict[str, str]:
+    """{name: type name} of the modules outside `skip` whose own floating-point parameters or
+    buffers differ (exactly) in some fine-tuned model."""
+    changed = {}
+    for name, module in pretrained.named_modules():
+        own = {key: t for key, t in _own_tensors(module).items() if t.is_floating_point()}
+        if name in skip or not own:
+            continue
+        others = [_own_tensors(m) for m in _counterparts(name, finetuned, type(module))]
+        if any(not torch.equal(t, other[key]) for key, t in own.items() for other in others):
+            changed[name] = type(module).__name__
+    return changed
+
+
 @torch.no_grad()
 def average_leaf(target: nn.Module, sources: Sequence[nn.Module], name: str) -> None:
     """Set every parameter/buffer of the leaf module ``target`` to the mean over ``sources``."""
-    for key, t in list(target.named_parameters(recurse=False)) + list(target.named_buffers(recurse=False)):
-        values = [dict(s.named_parameters(recurse=False)) | dict(s.named_buffers(recurse=False)) for s in sources]
-        stacked = [v[key] for v in values]
+    for key, t in _own_tensors(target).items():
+        stacked = [_own_tensors(s)[key] for s in sources]
         if any(s.shape != t.shape for s in stacked):
             raise ValueError(f"{name}.{key}: shape mismatch between pretrained {tuple(t.shape)} and fine-tuned models")
         if t.is_floating_point():
@@ -85,11 +114,12 @@ def upscale_model(
 ) -> tuple[nn.Module, UpscaleReport]:
     """Upscale ``pretrained`` in place into a SMILE MoE model and return it with a report.
 
-    Every ``nn.Linear`` whose name fully matches one of the regexes ``target_modules`` (default:
-    all) and differs in at least one fine-tuned model becomes a ``SmileLinear`` with
-    ``len(finetuned)`` experts. ``average_experts`` replaces the parameters of the other leaf
-    modules (norms, embeddings, convs) by the fine-tuned average. Raises ``ValueError`` for
-    T=0, mismatched architectures or shapes, ranks out of range, or when no layer changed.
+    Every ``nn.Linear`` / ``Conv1D`` whose name fully matches one of the regexes ``target_modules``
+    (default: all but the heads) and differs in at least one fine-tuned model becomes a
+    ``SmileLinear`` with ``len(finetuned)`` experts, of ranks ``layer_ranks`` of ``gate_k`` and
+    ``k``. ``average_experts`` replaces the parameters of the other leaf modules (norms,
+    embeddings, convs) by the fine-tuned average. Raises ``ValueError`` for T=0, mismatched
+    architectures or shapes, gate_k < 1, or when no layer changed.
     """
     if len(finetuned) == 0:
         raise ValueError("no fine-tuned models given (T=0); SMILE needs at least one expert")
@@ -97,38 +127,50 @@ def upscale_model(
         raise ValueError(f"top_k must be in [1, {len(finetuned)}] (the number of fine-tuned models), got {top_k}")
     report = UpscaleReport()
     # validate every targeted layer before any SVD, so bad input fails fast and leaves the model untouched
-    plan: list[tuple[str, nn.Linear, list[nn.Linear]]] = []
+    heads = head_modules(pretrained) if target_modules is None else set()
+    plan: list[tuple[str, nn.Module, list[nn.Module]]] = []
     for name, module in pretrained.named_modules():
-        if type(module) is not nn.Linear:
+        if not is_exactly_linear(module):
             continue
-        experts = _counterparts(name, finetuned, nn.Linear)
+        experts = _counterparts(name, finetuned, type(module))
+        if name in heads:
+            report.heads.append(name)
+            continue
         if not _matches(name, target_modules):
             report.not_targeted.append(name)
             continue
-        ws, bs = [e.weight for e in experts], [e.bias for e in experts]
-        check_layer_inputs(name, module.weight, ws, module.bias, bs, gate_k, k)
-        if layer_changed(module.weight, ws, module.bias, bs):
+        w0, ws, bs = linear_weight(module), [linear_weight(e) for e in experts], [e.bias for e in experts]
+        ranks = layer_ranks(w0.shape, gate_k, k)
+        check_layer_inputs(name, w0, ws, module.bias, bs, *ranks)
+        if layer_changed(w0, ws, module.bias, bs):
             plan.append((name, module, experts))
+            report.ranks[name] = ranks
         else:
             report.unchanged.append(name)
     if not plan:
         hint = f" matching target_modules={list(target_modules)}" if target_modules is not None else ""
-        raise ValueError(f"no nn.Linear{hint} differs between the pretrained and the fine-tuned models; nothing to upscale")
+        if report.heads:
+            hint += f" outside the heads {report.heads} (name them in target_modules to upscale them)"
+        raise ValueError(f"no linear layer{hint} differs between the pretrained and the fine-tuned models; nothing to upscale")
     leaves = [
         (name, module) for name, module in pretrained.named_modules()
-        if average_experts and type(module) is not nn.Linear and not list(module.children())
+        if average_experts and not is_exactly_linear(module) and not list(module.children())
         and (next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None)
     ]
     for name, module in leaves:
         average_leaf(module, _counterparts(name, finetuned, type(module)), name)
         report.averaged.append(name)
+    upscaled = {name for name, _, _ in plan}
+    report.kept_pretrained = changed_modules(pretrained, finetuned, upscaled | set(report.averaged) | set(report.not_targeted))
     for name, module, experts in tqdm(plan, desc="SMILE upscaling", disable=not progress, dynamic_ncols=True, leave=False):
+        layer_gate_k, layer_k = report.ranks[name]
         tensors = smile_tensors(
-            module.weight, [e.weight for e in experts], module.bias, [e.bias for e in experts],
-            gate_k, k, routing_use_diff, svd_method, compute_device, dtype, name=name,
+            linear_weight(module).contiguous(), [linear_weight(e) for e in experts], module.bias,
+            [e.bias for e in experts], layer_gate_k, layer_k, routing_use_diff, svd_method, compute_device, dtype,
+            name=name,
         )
         smile = SmileLinear(
-            module.in_features, module.out_features, len(finetuned), gate_k, k, top_k,
+            *linear_features(module), len(finetuned), layer_gate_k, layer_k, top_k,
             bias=module.bias is not None, device="meta",
         )
         smile.load_state_dict(tensors, assign=True)
@@ -136,6 +178,21 @@ def upscale_model(
         report.upscaled.append(name)
     if dtype is not None:
         pretrained.to(dtype)
-    log.info("SMILE: upscaled %d linear layers, %d unchanged, %d not targeted, %d averaged",
-             len(report.upscaled), len(report.unchanged), len(report.not_targeted), len(report.averaged))
+    log_report(report, gate_k, k)
     return pretrained, report
+
+
+def log_report(report: UpscaleReport, gate_k: int, k: int) -> None:
+    """Counts, the layers whose ranks were clamped, and a warning naming changed weights left pretrained."""
+    log.info("SMILE: upscaled %d linear layers, %d unchanged, %d not targeted, %d heads left pretrained, %d averaged",
+             len(report.upscaled), len(report.unchanged), len(report.not_targeted), len(report.heads),
+             len(report.averaged))
+    clamped = {name: ranks for name, ranks in report.ranks.items() if ranks != (gate_k, k)}
+    if clamped:
+        log.info("SMILE: ranks (gate_k, k) clamped to the layer's full rank, from (%d, %d): %s", gate_k, k,
+                 ", ".join(f"{name} {ranks}" for name, ranks in clamped.items()))
+    if report.kept_pretrained:
+        log.warning(
+            "SMILE keeps the PRETRAINED weights of these modules although the fine-tuned models changed "
+            "them: %s. Heads are left pretrained unless target_modules names them; average_experts=true "
+            "averages the other leaf modules (norms, embeddings, convolutions).", type_summary(report.kept_pretrained))
