@@ -18,7 +18,7 @@ from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave.purify import purify_weight
 from fusion_bench_pave.pave.regularize import regularize_doubling
 from fusion_bench_pave.smile import SmileLinear, upscale_model
-from fusion_bench_pave.smile.io import load_smile_model, save_smile_model
+from fusion_bench_pave.io.smile import load_smile_model, save_smile_model
 from reference.smile_forward import naive_forward
 from reference.tiny_models import gpt2, noisy_copies
 

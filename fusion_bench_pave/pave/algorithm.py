@@ -26,6 +26,7 @@ from fusion_bench.utils.instantiate_utils import instantiate
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.pave.calibration import require_calibration_data
 from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_task_names
+from fusion_bench_pave.pave.cache import CovarianceCache
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.models import LinearWeights, check_compatible, check_purifiable, dare_, on_device, pool_with_models
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
@@ -134,16 +135,15 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
 
-    def statistics_source(self, modelpool: BaseModelPool, model: nn.Module) -> TaskStatistics:
-        """Collection over `modelpool`, whose models are shaped like `model`, with the cache opened once."""
-        cache = open_run_cache(self.cache_dir, self.fabric)
+    def statistics_source(self, modelpool: BaseModelPool, model: nn.Module, cache: Optional[CovarianceCache]) -> TaskStatistics:
+        """Collection over `modelpool`, whose models are shaped like `model`, with the run's cache."""
         return TaskStatistics(modelpool, self.collection(model), self.fabric, cache, self.calibration_datasets)
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of one task, as a run collects them."""
         if self.statistics is not None:
             return StoredStatistics(self.statistics, [task])(task, model)
-        return self.statistics_source(modelpool, model)(task, model)
+        return self.statistics_source(modelpool, model, open_run_cache(self.cache_dir, self.fabric))(task, model)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
         if not isinstance(modelpool, BaseModelPool):
@@ -154,6 +154,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         check_task_names("purify_tasks", self.purify_tasks, tasks)
         purified = [task for task in tasks if self.purify_tasks is None or task in self.purify_tasks]
         stored = StoredStatistics(self.statistics, purified) if self.statistics is not None else None
+        cache = open_run_cache(self.cache_dir, self.fabric) if stored is None else None  # once, before any work
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
@@ -161,7 +162,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         check_purifiable(pretrained, includes, self.excluded_patterns(pretrained))
         for task in purified if stored is None else ():
             require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
-        statistics = stored or self.statistics_source(modelpool, pretrained)
+        statistics = stored or self.statistics_source(modelpool, pretrained, cache)
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
         if stored is not None:  # marked, so that a nested merger reading them accepts the purified copies
