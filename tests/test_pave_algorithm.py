@@ -62,7 +62,7 @@ def test_a_declared_user_merger_runs_after_pave_and_an_undeclared_one_is_refused
     own = {"_target_": "pave_helpers.OwnTaskArithmetic", "scaling_factor": 0.3}
     merged = model_of(pave(own).run(make_pool("clip")))
     assert_state_dicts_equal(merged, TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("clip")))
-    with pytest.raises(ValueError, match=r"UndeclaredMerger' is not a task-vector method.*merges_task_vectors = True"):
+    with pytest.raises(ValueError, match=r"UndeclaredMerger' does not merge the fine-tuned models.*merges_task_vectors = True"):
         pave({**own, "_target_": "pave_helpers.UndeclaredMerger"}).run(make_pool("clip"))
 
 

@@ -195,5 +195,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
         merger = instantiate(config)
         if hasattr(merger, "_fabric_instance"):
             merger._fabric_instance = self.fabric
+        if hasattr(merger, "_fabric"):  # FusionBench's v0.1-style classes (task-wise AdaMerging), as its program does
+            merger._fabric = self.fabric
         merger._program = self._program
         return merger.run(pool_with_models(modelpool, {"_pretrained_": pretrained, **purified}))
