@@ -108,7 +108,7 @@ def check_rho_one_and_below(config: dict, new_pool, tmp_path) -> None:
         assert torch.equal(at_one[key], value), key
     purified = run_pave(config, new_pool(), tmp_path, rho=0.75)
     changed = [key for key, value in own.items() if not torch.equal(purified[key], value)]
-    assert any(key.endswith("fc1.weight") or key.endswith("fc1") for key in changed), changed
+    assert any(key.endswith(("fc1.weight", "wi.weight", "up_proj.weight")) for key in changed), changed
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,14 @@ def statistics_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(DATA_FREE))
 def test_data_free_merger_after_pave(name, statistics_dir):
     check_rho_one_and_below(DATA_FREE[name], lambda: make_pool("clip", tasks=2), statistics_dir)
+
+
+@pytest.mark.parametrize("kind, name", [("mistral", "TSV-M"), ("mistral", "Iso-CTS"), ("t5", "Iso-C")])
+def test_svd_mergers_after_pave_on_language_models(kind, name, statistics_dir):
+    """Methods that decompose every 2-D parameter (embeddings and tied heads included) on the T5 and
+    Mistral pools; the other data-free methods treat every parameter alike (TA, TIES, DARE, ...: T5 and
+    Mistral in test_pave_algorithm)."""
+    check_rho_one_and_below(DATA_FREE[name], lambda: make_pool(kind, tasks=2), statistics_dir)
 
 
 @pytest.fixture
