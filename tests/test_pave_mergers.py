@@ -42,6 +42,10 @@ DATA_FREE = {
     "Iso-CTS": {"_target_": "fusion_bench.method.ISO_CTS_Merge", "scaling_factor": 1.0, "common_space_fraction": 0.8},
     "WUDI": {"_target_": "fusion_bench.method.WUDIMerging", "iter_num": 5},  # 400 in FusionBench's yaml
     "EMR": {"_target_": "fusion_bench.method.emr_merging.EMRMerging"},
+    # zero_shot: the task vectors stand in for the gradients (with gradients FusionBench 0.2.33 stores
+    # every task's under one key, so its trust region is empty and it returns the pretrained model)
+    "trust region": {"_target_": "fusion_bench.method.trust_region.clip_task_arithmetic.TaskArithmeticWithTrustRegionForCLIP",
+                     "scaling_factor": 0.3, "threshold_quantile": 0.99, "max_samples": 8, "batch_size": 8, "zero_shot": True},
     "SVC + TA": {"_target_": "fusion_bench.method.singular_value_calibration.task_arithmetic."
                  "SingularValueCalibrationArithmeticTask", "scaling_factor": 0.3, "alpha": 0.1},
     "SVC + TIES": {"_target_": "fusion_bench.method.singular_value_calibration.generic.SingularValueCalibrationWithBaseMethod",
@@ -155,6 +159,16 @@ def test_methods_broken_in_fusion_bench_fail_on_their_own(name, clip_zoo_pool, t
     config, error, message = BROKEN_UPSTREAM[name]
     with pytest.raises(error, match=message):
         run_method(config, clip_zoo_pool(), tmp_path)
+
+
+def test_trust_region_with_gradients_returns_the_pretrained_model_on_its_own(clip_zoo_pool, tmp_path):
+    """Why the matrix runs the trust region with zero_shot=true only: with gradients, FusionBench 0.2.33
+    files every task's under one key, its trust region is empty and it returns the pretrained model
+    whatever the fine-tuned ones (so PAVE could not change it). When this fails, add it to the matrix."""
+    config = {**DATA_FREE["trust region"], "zero_shot": False}
+    own = run_method(config, clip_zoo_pool(), tmp_path)
+    pretrained = clip_zoo_pool().load_pretrained_model().state_dict()
+    assert all(torch.equal(own[key], value) for key, value in pretrained.items())
 
 
 # --------------------------------------------------------------- which mergers PAVE accepts
