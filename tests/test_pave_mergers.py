@@ -12,8 +12,7 @@ import sys
 
 import pytest
 import torch
-from fusion_bench.tasks.clip_classification import CLIPTemplateFactory
-from fusion_bench.utils.instantiate_utils import instantiate
+from conftest import compose_fusion_bench
 from lightning import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
@@ -21,10 +20,11 @@ from pave_helpers import make_pool
 from torch import nn
 
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair, resolvers)
-from conftest import compose_fusion_bench
+from fusion_bench.tasks.clip_classification import CLIPTemplateFactory
+from fusion_bench.utils.instantiate_utils import instantiate
+from fusion_bench.utils.packages import import_object
 from fusion_bench_pave.pave import PAVE, task_statistics
 from fusion_bench_pave.pave.config_checks import FINETUNED_WEIGHT_MERGERS
-from fusion_bench.utils.packages import import_object
 
 TIES = {"scaling_factor": 0.5, "threshold": 20, "remove_keys": [], "merge_func": "sum"}
 DARE = {"sparsity_ratio": 0.5, "only_on_linear_weights": False, "rescale": True}

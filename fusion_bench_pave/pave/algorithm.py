@@ -71,7 +71,7 @@ class PAVE(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
     ):
         """
         Args:
-            merger: config (with `_target_`) of the task-vector method run on the purified models.
+            merger: config (with `_target_`) of the merger of fine-tuned weights run on the purified models.
             rho: global kept-rank ratio in (0, 1]; 1 reproduces the merger exactly.
             allocation: per_layer (greedy optimum), per_model (official collapse) or uniform.
             floor_factor: no model keeps fewer than R - round(factor * (R - round(rho * R))).
