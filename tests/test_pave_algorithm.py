@@ -78,6 +78,7 @@ def test_the_merger_gets_the_users_pool_with_the_purified_models(kind):
     column = "image" if kind == "clip" else "text"
     assert seen["train"] == {t: pool.load_train_dataset(t)[column][:2] for t in pool.model_names}
     assert sorted(seen["models"]) == ["_pretrained_", "task0", "task1", "task2"]
+    assert all(seen["instances"][name] is model for name, model in seen["models"].items())  # no stale instance
     original = pool.load_model("task0").state_dict()  # the user's pool still holds its own models
     purified = seen["models"]["task0"].state_dict()
     assert any(not torch.equal(purified[k], original[k]) for k in original)

@@ -100,9 +100,13 @@ def pool_with_models(modelpool: Any, models: Mapping[str, nn.Module]) -> Any:
     """A shallow copy of `modelpool` (its class, datasets, tokenizer, processor, ...) whose load_model
     returns `models` by name, also where the pool's class only instantiates configs (e.g. FusionBench's
     CausalLMPool). Its configs stay, so the pool's own helpers that read them still work (e.g.
-    CLIPVisionModelPool.load_clip_model, which builds the CLIP text tower of zero-shot heads)."""
+    CLIPVisionModelPool.load_clip_model, which builds the CLIP text tower of zero-shot heads); where it
+    holds instances instead of configs, those are replaced by `models` too."""
     pool = copy.copy(modelpool)
     models = dict(models)
+    configured = getattr(pool, "_models", None) or {}
+    if any(isinstance(entry, nn.Module) for entry in configured.values()):
+        pool._models = {name: models.get(name, entry) for name, entry in configured.items()}
     load_configured = pool.load_model
 
     def load_model(name_or_config: Any, *args: Any, **kwargs: Any) -> nn.Module:
