@@ -112,5 +112,6 @@ class PoolRecordingMerger(OwnTaskArithmetic):
                       for task in modelpool.model_names},
             "preprocessor": modelpool.load_processor(),
             "models": {name: modelpool.load_model(name) for name in modelpool.all_model_names},
+            "instances": dict(modelpool._models),
         }
         return super().run(modelpool)

@@ -62,7 +62,7 @@ def test_a_declared_user_merger_runs_after_pave_and_an_undeclared_one_is_refused
     own = {"_target_": "pave_helpers.OwnTaskArithmetic", "scaling_factor": 0.3}
     merged = model_of(pave(own).run(make_pool("clip")))
     assert_state_dicts_equal(merged, TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("clip")))
-    with pytest.raises(ValueError, match=r"UndeclaredMerger' is not a task-vector method.*merges_task_vectors = True"):
+    with pytest.raises(ValueError, match=r"UndeclaredMerger' does not merge the fine-tuned models.*merges_task_vectors = True"):
         pave({**own, "_target_": "pave_helpers.UndeclaredMerger"}).run(make_pool("clip"))
 
 
@@ -78,6 +78,7 @@ def test_the_merger_gets_the_users_pool_with_the_purified_models(kind):
     column = "image" if kind == "clip" else "text"
     assert seen["train"] == {t: pool.load_train_dataset(t)[column][:2] for t in pool.model_names}
     assert sorted(seen["models"]) == ["_pretrained_", "task0", "task1", "task2"]
+    assert all(seen["instances"][name] is model for name, model in seen["models"].items())  # no stale instance
     original = pool.load_model("task0").state_dict()  # the user's pool still holds its own models
     purified = seen["models"]["task0"].state_dict()
     assert any(not torch.equal(purified[k], original[k]) for k in original)

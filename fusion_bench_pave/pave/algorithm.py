@@ -79,7 +79,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
     ):
         """
         Args:
-            merger: config (with `_target_`) of the task-vector method run on the purified models.
+            merger: config (with `_target_`) of the merger of fine-tuned weights run on the purified models.
             rho: global kept-rank ratio in (0, 1]; 1 reproduces the merger exactly.
             allocation: per_layer (greedy optimum), per_model (official collapse) or uniform.
             floor_factor: no model keeps fewer than R - round(factor * (R - round(rho * R))).
@@ -220,5 +220,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         merger = instantiate(config)
         if hasattr(merger, "_fabric_instance"):
             merger._fabric_instance = self.fabric
+        if hasattr(merger, "_fabric"):  # FusionBench's v0.1-style classes (task-wise AdaMerging), as its program does
+            merger._fabric = self.fabric
         merger._program = self._program
         return merger.run(pool_with_models(modelpool, {"_pretrained_": pretrained, **purified}))

@@ -35,39 +35,57 @@ def check_merger(merger: Any) -> None:
         ) from error
     if not callable(getattr(merger_class, "run", None)):
         raise ValueError(f"merger._target_={target!r} has no run(modelpool) method; it is not a merging algorithm")
-    if not is_task_vector_method(merger_class):
+    if not merges_finetuned_weights(merger_class):
         raise ValueError(
-            f"merger._target_={target!r} is not a task-vector method: PAVE hands the merger purified "
-            "fine-tuned models whose differences from the pretrained model are the purified task vectors, "
-            f"which only methods that merge W_ft - W_pre use as such. Use one of FusionBench's: "
-            f"{', '.join(sorted(TASK_VECTOR_METHODS))}; or, for your own task-vector class, set its "
-            "class attribute merges_task_vectors = True"
+            f"merger._target_={target!r} does not merge the fine-tuned models into one model of their "
+            "architecture: PAVE hands the merger purified fine-tuned models, whose differences from the "
+            "pretrained model are the purified task vectors, so only such mergers use them (upscaling into "
+            "SMILE, MoE or deeper models, ensembles, pruning or fine-tuning would not). Use one of "
+            f"FusionBench's: {', '.join(sorted(name.rsplit('.', 1)[1] for name in FINETUNED_WEIGHT_MERGERS))}"
+            "; or, for your own merger of fine-tuned weights, set its class attribute merges_task_vectors = True"
         )
 
 
-#: FusionBench's methods that merge the task vectors W_ft - W_pre of a pool with no data (its
-#: documentation's task-vector family, plus simple averaging: W_pre + mean of the task vectors).
-#: Their subclasses qualify too. SMILE, RegMean, Fisher, AdaMerging, ... do not: they build another
-#: architecture or need data, so PAVE's purification would not act on what they merge.
-TASK_VECTOR_METHODS = frozenset({
-    "TaskArithmeticAlgorithm", "TiesMergingAlgorithm", "SimpleAverageAlgorithm",
-    "DareSimpleAverage", "DareTaskArithmetic", "DareTiesMerging", "MagMaxAlgorithm", "ModelStock",
-    "TaskSingularVectorMerging", "ISO_C_Merge", "ISO_CTS_Merge", "WUDIMerging",
-    "TallMaskTaskArithmeticAlgorithm", "EMRMerging", "DOGE_TA_Algorithm",
-    "SingularValueCalibrationWithBaseMethod", "SingularValueCalibrationArithmeticTask",
-    "SimpleAverageForCausalLM",
-})
+FB = "fusion_bench.method."
+#: FusionBench 0.2.33's methods that merge the task vectors W_ft - W_pre of a pool with no data, by
+#: the qualified name of the defining class (``ISO_C_Merge`` and the like are aliases).
+DATA_FREE_MERGERS = frozenset(FB + name for name in (
+    "task_arithmetic.task_arithmetic.TaskArithmeticAlgorithm", "ties_merging.ties_merging.TiesMergingAlgorithm",
+    "simple_average.SimpleAverageAlgorithm", "linear.simple_average_for_causallm.SimpleAverageForCausalLM",
+    "dare.simple_average.DareSimpleAverage", "dare.task_arithmetic.DareTaskArithmetic",
+    "dare.ties_merging.DareTiesMerging", "magmax.magmax.MagMaxAlgorithm", "model_stock.model_stock.ModelStock",
+    "task_singular_vector.TSVM.TaskSingularVectorMerging", "isotropic_merging.iso.IsotropicMergingInCommonSubspace",
+    "isotropic_merging.iso.IsotropicMergingInCommonAndTaskSubspace", "wudi.wudi.WUDIMerging",
+    "tall_mask.task_arithmetic.TallMaskTaskArithmeticAlgorithm", "emr_merging.emr_merging.EMRMerging",
+    "doge_ta.doge_ta.DOGE_TA_Algorithm", "singular_value_calibration.svc.SingularValueCalibration",
+))
+#: ... and those that merge them with statistics of the pool's datasets (train splits, or unlabeled
+#: test splits for AdaMerging) read through its tokenizer or processor: the pool PAVE hands them is
+#: the user's, so they collect their statistics on the purified models.
+DATA_DEPENDENT_MERGERS = frozenset(FB + name for name in (
+    "regmean.regmean.RegMeanAlgorithm", "regmean_plusplus.regmean_plusplus.RegMeanAlgorithmPlusPlus",
+    "fisher_merging.fisher_merging.FisherMergingAlgorithm",
+    "adamerging.task_wise_adamerging.TaskWiseAdaMergingAlgorithm",
+    "adamerging.layer_wise_adamerging.LayerWiseAdaMergingAlgorithm",
+    "adamerging.gpt2_layer_wise_adamerging.GPT2LayerWiseAdaMergingAlgorithm",
+    "adamerging.flan_t5_layer_wise_adamerging.FlanT5LayerWiseAdaMergingAlgorithm",
+    "adamerging.llama_adamerging.LayerWiseAdaMergingForLlamaSFT",
+    "adamerging.resnet_adamerging._ResNetAdaMergingBase",
+    "trust_region.clip_task_arithmetic.TaskArithmeticWithTrustRegionForCLIP",
+    "ada_svd.clip_vision.AdaSVDMergingForCLIPVisionModel",
+))
+#: Every FusionBench method PAVE accepts as its merger; their subclasses qualify too. Others (SMILE,
+#: depth upscaling, weight-ensembling MoE, Mixtral upscaling, ensembles, pruning, ...) build another
+#: architecture or do not merge fine-tuned weights, so PAVE's purification would not act on a merge.
+FINETUNED_WEIGHT_MERGERS = DATA_FREE_MERGERS | DATA_DEPENDENT_MERGERS
 
 
-def is_task_vector_method(merger_class: type) -> bool:
-    """A FusionBench class of TASK_VECTOR_METHODS or a subclass of one, or a class that declares
+def merges_finetuned_weights(merger_class: type) -> bool:
+    """A FusionBench class of FINETUNED_WEIGHT_MERGERS or a subclass of one, or a class that declares
     ``merges_task_vectors = True`` (a user's own method; we cannot tell from its code)."""
     if getattr(merger_class, "merges_task_vectors", False) is True:
         return True
-    return any(
-        c.__module__.startswith("fusion_bench.method.") and c.__name__ in TASK_VECTOR_METHODS
-        for c in getattr(merger_class, "__mro__", ())
-    )
+    return any(f"{c.__module__}.{c.__qualname__}" in FINETUNED_WEIGHT_MERGERS for c in getattr(merger_class, "__mro__", ()))
 
 
 def check_hyperparameters(cls: type, arguments: Mapping[str, Any]) -> None:

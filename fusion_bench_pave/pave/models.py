@@ -112,16 +112,21 @@ def dare_(pretrained: nn.Module, finetuned: Mapping[str, nn.Module], config: Map
 
 
 def pool_with_models(modelpool: Any, models: Mapping[str, nn.Module]) -> Any:
-    """A shallow copy of `modelpool` (its class, datasets, tokenizer, processor, ...) holding `models`
-    instead of its configured ones; its load_model returns them by name even where the pool's class
-    only instantiates configs (e.g. FusionBench's CausalLMPool)."""
+    """A shallow copy of `modelpool` (its class, datasets, tokenizer, processor, ...) whose load_model
+    returns `models` by name, also where the pool's class only instantiates configs (e.g. FusionBench's
+    CausalLMPool). Its configs stay, so the pool's own helpers that read them still work (e.g.
+    CLIPVisionModelPool.load_clip_model, which builds the CLIP text tower of zero-shot heads); where it
+    holds instances instead of configs, those are replaced by `models` too."""
     pool = copy.copy(modelpool)
-    pool._models = dict(models)
+    models = dict(models)
+    configured = getattr(pool, "_models", None) or {}
+    if any(isinstance(entry, nn.Module) for entry in configured.values()):
+        pool._models = {name: models.get(name, entry) for name, entry in configured.items()}
     load_configured = pool.load_model
 
     def load_model(name_or_config: Any, *args: Any, **kwargs: Any) -> nn.Module:
-        if isinstance(name_or_config, str) and name_or_config in pool._models:
-            return pool._models[name_or_config]
+        if isinstance(name_or_config, str) and name_or_config in models:
+            return models[name_or_config]
         return load_configured(name_or_config, *args, **kwargs)
 
     pool.load_model = load_model
