@@ -181,6 +181,14 @@ def test_a_linear_excluded_from_the_statistics_is_refused(tmp_path, monkeypatch)
         r"of it \(collected with exclude_modules=\['fc2'\]\)", statistics=str(stats))
 
 
+def test_a_conv1d_layer_excluded_from_the_statistics_is_refused(tmp_path, monkeypatch):
+    """GPT-2's linear layers are transformers Conv1D: the check covers them like nn.Linear."""
+    stats = write_statistics(tmp_path / "no_c_fc", make_pool("gpt2"), exclude_modules=["c_fc"])
+    refused_before_purification(
+        monkeypatch, make_pool("gpt2"), r"task 'task0': Linear 'transformer.h.0.mlp.c_fc' needs statistics",
+        statistics=str(stats))
+
+
 def test_a_directory_that_is_not_a_statistics_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"is not a statistics directory \(no statistics.json\)"):
         pave(statistics=str(tmp_path)).run(make_pool("clip"))

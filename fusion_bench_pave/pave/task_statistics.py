@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from fusion_bench_pave.io.fingerprint import fingerprint_state_dict
 from fusion_bench_pave.io.statistics import load_task_from_dir, read_statistics_index
+from fusion_bench_pave.linear_layers import is_linear
 from fusion_bench_pave.pave.cache import CovarianceCache, open_cache
 from fusion_bench_pave.pave.calibration import (
     dataset_fingerprint,
@@ -247,7 +248,7 @@ class StoredStatistics:
                 )
             recorded = CollectionSettings(exclude=tuple(entry["exclude"]))
             for name, module in model.named_modules():
-                if isinstance(module, nn.Linear) and self.includes(name, module) and not recorded.includes(name, module):
+                if is_linear(module) and self.includes(name, module) and not recorded.includes(name, module):
                     raise ValueError(
                         f"task '{task}': Linear '{name}' needs statistics but {self.directory} has none "
                         f"of it (collected with exclude_modules={entry['exclude']}); exclude it here too or "
