@@ -26,7 +26,6 @@ from fusion_bench.utils.instantiate_utils import instantiate
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.pave.calibration import require_calibration_data
 from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_task_names
-from fusion_bench_pave.pave.cache import CovarianceCache
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.models import LinearWeights, check_compatible, check_purifiable, dare_, on_device, pool_with_models
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
@@ -135,15 +134,12 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
 
-    def statistics_source(self, modelpool: BaseModelPool, model: nn.Module, cache: Optional[CovarianceCache]) -> TaskStatistics:
-        """Collection over `modelpool`, whose models are shaped like `model`, with the run's cache."""
-        return TaskStatistics(modelpool, self.collection(model), self.fabric, cache, self.calibration_datasets)
-
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of one task, as a run collects them."""
         if self.statistics is not None:
             return StoredStatistics(self.statistics, [task])(task, model)
-        return self.statistics_source(modelpool, model, open_run_cache(self.cache_dir, self.fabric))(task, model)
+        cache = open_run_cache(self.cache_dir, self.fabric)
+        return TaskStatistics(modelpool, self.collection(model), self.fabric, cache, self.calibration_datasets)(task, model)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module | dict:
         if not isinstance(modelpool, BaseModelPool):
@@ -158,15 +154,15 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         fresh = copy.deepcopy if modelpool.has_instance_models else (lambda m: m)
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
-        includes = self.collection(pretrained).includes
-        check_purifiable(pretrained, includes, self.excluded_patterns(pretrained))
+        collection = self.collection(pretrained)
+        check_purifiable(pretrained, collection.includes, list(collection.exclude))
         for task in purified if stored is None else ():
             require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
-        statistics = stored or self.statistics_source(modelpool, pretrained, cache)
+        statistics = stored or TaskStatistics(modelpool, collection, self.fabric, cache, self.calibration_datasets)
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
         if stored is not None:  # marked, so that a nested merger reading them accepts the purified copies
-            stored.check({name: finetuned[name] for name in purified}, includes, mark=True)
+            stored.check({name: finetuned[name] for name in purified}, collection.includes, mark=True)
 
         start = time.perf_counter()
         with CovarianceOffload(self.covariance_offload, len(purified)) as offload:
