@@ -269,7 +269,7 @@ def test_ranks_above_the_kv_width_are_clamped_per_projection_as_in_memory_smile_
     assert "ranks (gate_k, k) clamped to the layer's full rank, from (20, 24): model.layers.0.self_attn.k_proj (16, 16)" in caplog.text
     streamed = AutoModelForCausalLM.from_pretrained(out).eval()
     narrow = [f"layers.{i}.self_attn.{p}" for i in range(pre.config.num_hidden_layers) for p in ("k_proj", "v_proj")]
-    assert streamed.config.layer_ranks == dict.fromkeys(narrow, [16, 16])
+    assert streamed.config.layer_ranks == {key: [16, 16] for key in narrow}
     ranks = {n: (m.gate_k, m.k) for n, m in streamed.named_modules() if isinstance(m, SmileLinear)}
     assert {n: r for n, r in ranks.items() if r != (20, 24)} == {f"model.{key}": (16, 16) for key in narrow}
 

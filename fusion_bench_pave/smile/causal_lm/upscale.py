@@ -162,7 +162,7 @@ def unit_tensors(unit: Unit, base: Mapping[str, Tensor], experts: Sequence[Mappi
         return {name: base[name].to(dtype)}, False
     weight, bias = f"{unit.name}.weight", f"{unit.name}.bias"
     w0, ws = base[weight], [e[weight] for e in experts]
-    b0 = base[bias] if bias in base else None
+    b0 = base.get(bias)
     bs = [e[bias] if b0 is not None else None for e in experts]
     check_layer_inputs(unit.name, w0, ws, b0, bs, *unit.ranks)
     if not layer_changed(w0, ws, b0, bs):
