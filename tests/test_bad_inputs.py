@@ -352,8 +352,8 @@ ROWS = [
     # SMILE causal LM
     ("smile mistral: top_k > T", mistral_row(num_experts_per_tok=3),
      ValueError, r"num_experts_per_tok must be in \[1, 2\] \(the number of fine-tuned models\), got 3"),
-    ("smile mistral: expert rank larger than the layer", mistral_row(rank_of_expert=33),
-     ValueError, r"q_proj: k=33 out of range"),
+    ("smile mistral: router rank below 1", mistral_row(rank_of_router=0),
+     ValueError, r"layers\.0\.self_attn\.q_proj: gate_k=0 out of range \[1, 32\]"),
     ("smile mistral: corrupt safetensors while streaming", corrupt_streaming_checkpoint,
      ValueError, r"m1/model\.safetensors: corrupt or truncated safetensors file"),
     # model pools (FusionBench's, through our yaml) and the program

@@ -98,3 +98,34 @@ def test_an_incomplete_or_inconsistent_checkpoint_is_named(tmp_path):
     shards[1].unlink()
     with pytest.raises(FileNotFoundError, match=shards[1].name):
         LazyTensors(tmp_path)
+
+
+def test_shard_writers_of_two_ranks_write_the_files_of_one_writer(tmp_path):
+    """Ranks that claim the same groups agree on every shard; each writes its own (shard i: rank i % 2),
+    only the tensors it claimed are asked of it, and together they write one writer's files."""
+    g = torch.Generator().manual_seed(2)
+    groups = [{f"g{i}.{part}": torch.randn(10 + i, 7, generator=g) for part in ("w", "u", "v")} for i in range(6)]
+
+    def write(out, rank, world_size):
+        out.mkdir(exist_ok=True)
+        writer, computed = ShardWriter(out, max_shard_bytes=2500, rank=rank, world_size=world_size), []
+        for group in groups:
+            if writer.claim({name: t.numel() * t.element_size() for name, t in group.items()}):
+                computed.append(next(iter(group)))
+                for name, tensor in group.items():
+                    writer.write(name, tensor)
+        writer.close()
+        return computed
+
+    one = write(tmp_path / "one", 0, 1)
+    halves = [write(tmp_path / "two", rank, 2) for rank in (0, 1)]
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one") and len(files(tmp_path / "one")) >= 4  # 3+ shards + index
+    assert sorted(halves[0] + halves[1]) == sorted(one) and halves[0] and halves[1] and not set(halves[0]) & set(halves[1])
+    shard_of = json.loads((tmp_path / "one" / INDEX).read_text())["weight_map"]
+    assert all(len({shard_of[name] for name in group}) == 1 for group in groups)  # a group is never split
+    writer = ShardWriter(tmp_path / "three", max_shard_bytes=2500)
+    (tmp_path / "three").mkdir()
+    writer.claim({"x": 4})
+    with pytest.raises(ValueError, match=r"tensor 'y' \(4 bytes\) was not claimed"):
+        writer.write("y", torch.zeros(1))

@@ -129,8 +129,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, mistral_family):
     experts = [root / "ft0", root / "ft1"]
     with pytest.raises(ValueError, match=r"T=0"):
         upscale_causal_lm_checkpoint(root / "base", [], tmp_path / "a", SMILE, progress=False)
-    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.k_proj: k=17 out of range .*16x32"):
-        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", SmileSettings(rank_of_router=4, rank_of_expert=17), progress=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: gate_k=0 out of range \[1, 32\] for a 32x64 weight"):
+        upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", SmileSettings(rank_of_router=0, rank_of_expert=8), progress=False)
     with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, 2\]"):
         upscale_causal_lm_checkpoint(root / "base", experts, tmp_path / "a", replace(SMILE, num_experts_per_tok=3))
     with pytest.raises(ValueError, match="nothing to upscale"):
@@ -246,3 +246,59 @@ def test_phi3_fused_projections_equal_fusion_bench_upscale_to_smile_linear():
     upscale_to_smile_linear upscales any Linear (FusionBench has no SMILE Phi3 model to compare with)."""
     pre = decoder("phi3")
     assert_projections_equal_fusion_bench(pre, noisy_copies(pre, 3, only=PROJ), ["self_attn.qkv_proj", "mlp.gate_up_proj"])
+
+
+# ranks above the 16-wide k/v projections of the tiny grouped-query decoders (hidden 32, MLP 32 -> 64)
+WIDE = SmileSettings(num_experts_per_tok=2, rank_of_router=20, rank_of_expert=24)
+GQA_FAMILIES = {"mistral": PROJ, "llama": PROJ, "qwen2": r"_proj\.(weight|bias)"}
+
+
+@pytest.mark.parametrize("kind", sorted(GQA_FAMILIES))
+def test_ranks_above_the_kv_width_are_clamped_per_projection_as_in_memory_smile_does(tmp_path, kind, caplog):
+    """Streaming and the in-memory paths (causal-LM and generic ``smile_upscaling``) clamp each
+    projection's ranks with the same rule, store them in the config, reload through the Auto classes
+    and compute the same logits (the same smile_tensors ops on the same tensors)."""
+    from fusion_bench_pave.smile import upscale_model
+
+    pre = decoder(kind)
+    fts = noisy_copies(pre, 2, only=GQA_FAMILIES[kind])
+    for name, model in [("base", pre), ("ft0", fts[0]), ("ft1", fts[1])]:
+        model.save_pretrained(tmp_path / name)
+    with caplog.at_level("INFO", logger="fusion_bench_pave"):
+        out = upscale_causal_lm_checkpoint(tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"], tmp_path / "out", WIDE, progress=False)
+    assert "ranks (gate_k, k) clamped to the layer's full rank, from (20, 24): model.layers.0.self_attn.k_proj (16, 16)" in caplog.text
+    streamed = AutoModelForCausalLM.from_pretrained(out).eval()
+    narrow = [f"layers.{i}.self_attn.{p}" for i in range(pre.config.num_hidden_layers) for p in ("k_proj", "v_proj")]
+    assert streamed.config.layer_ranks == {key: [16, 16] for key in narrow}
+    ranks = {n: (m.gate_k, m.k) for n, m in streamed.named_modules() if isinstance(m, SmileLinear)}
+    assert {n: r for n, r in ranks.items() if r != (20, 24)} == {f"model.{key}": (16, 16) for key in narrow}
+
+    generic, report = upscale_model(copy.deepcopy(pre), fts, gate_k=20, k=24, top_k=2, progress=False)
+    assert report.ranks == ranks  # one rule (decompose.layer_ranks), the same layers
+    in_memory = upscale_causal_lm(pre, fts, WIDE, progress=False)
+    assert torch.equal(logits(streamed), logits(in_memory))
+    assert torch.equal(logits(streamed), logits(generic))
+    in_memory.save_pretrained(tmp_path / "saved")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()), logits(in_memory))
+
+
+@pytest.mark.parametrize("kind", sorted(GQA_FAMILIES))
+def test_top1_full_rank_expert_reproduces_the_finetuned_model(kind):
+    """rank_of_expert above every width gives every projection its full rank: one expert is exact."""
+    pre = decoder(kind)
+    ft = noisy_copies(pre, 1, only=GQA_FAMILIES[kind])[0]
+    model = upscale_causal_lm(pre, [ft], SmileSettings(rank_of_router=1, rank_of_expert=10**6), progress=False)
+    assert {(m.k, min(m.in_features, m.out_features)) for m in model.modules() if isinstance(m, SmileLinear)} == {(16, 16), (32, 32)}
+    torch.testing.assert_close(logits(model), logits(ft), rtol=1e-5, atol=1e-5)  # float32 SVD reconstruction
+
+
+def test_configs_without_layer_ranks_load_as_before(tmp_path, mistral_family):
+    """A checkpoint saved before per-projection ranks (no layer_ranks in its config) reloads unchanged."""
+    pre, fts, _ = mistral_family
+    model = upscale_causal_lm(pre, fts, SMILE, progress=False)
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config.pop("layer_ranks", None)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "old").eval()
+    assert reloaded.config.layer_ranks == {} and torch.equal(logits(reloaded), logits(model))

@@ -65,7 +65,7 @@ def test_smile_upscaling_cli_on_tiny_t5(tmp_path):
 @pytest.mark.slow
 def test_smile_mistral_upscaling_cli_streams_to_a_loadable_checkpoint(tmp_path, monkeypatch):
     # The CLI streams from safetensors, the comparison below upscales in memory: both run
-    # smile_causal_lm_tensors, the same ops in the same order. The thread count must match too: MKL's
+    # write_units (smile/causal_lm/upscale.py), the same ops in the same order. The thread count must match too: MKL's
     # SVD and GEMMs give other bits at 1 and 2 threads on some CPUs (AMD EPYC; here with
     # MKL_ENABLE_INSTRUCTIONS=AVX2), so both processes run single-threaded and results are bit-equal.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

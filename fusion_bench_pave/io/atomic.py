@@ -196,6 +196,13 @@ def publish_dir(staging: Path, path: Path, overwrite: bool) -> None:
         os.replace(staging, path)
 
 
+def make_staging_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check ``path`` (``refuse_replacing_dir``), create its parent, clear dead writers' staging and
+    create this writer's staging sibling, which ``publish_dir`` later moves to ``path``."""
+    path = _prepare(path, overwrite, refuse_replacing_dir)
+    return Path(tempfile.mkdtemp(prefix=_writer_prefix(path), dir=path.parent))
+
+
 @contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging sibling directory that replaces ``path`` (with a manifest of its files added)
@@ -204,8 +211,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     Refuses an existing ``path`` unless ``overwrite`` and it holds only what we wrote
     (``refuse_replacing_dir``); a failure or kill leaves ``path`` untouched.
     """
-    path = _prepare(path, overwrite, refuse_replacing_dir)
-    staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(path), dir=path.parent))
+    path, staging = Path(path), make_staging_dir(path, overwrite)
     try:
         yield staging
         write_manifest(staging)

@@ -231,42 +231,83 @@ class LazyTensors(Mapping[str, Tensor]):
 
 class ShardWriter:
     """Write tensors to ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ~``max_shard_bytes``
-    (in the order added) and the standard index, or to one ``model.safetensors``."""
+    (in the order added) and the standard index, or to one ``model.safetensors``.
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 2**30) -> None:
+    Where shards begin depends only on the tensors' sizes, so the ranks of a distributed run that
+    place the same tensors (``claim``) agree on every shard; shard ``i`` is written by rank
+    ``i % world_size`` (into the shared ``out_dir``) and the index by rank 0. ``add`` places and
+    writes one tensor; ``claim`` places a group of tensors in one shard and says whether this rank
+    writes it (then ``write`` each of them), so a caller computes only its ranks' tensors.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 2**30, rank: int = 0, world_size: int = 1) -> None:
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
+        self.rank, self.world_size = rank, world_size
         self._buffer: dict[str, torch.Tensor] = {}
-        self._bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
+        self._shards: list[dict[str, int]] = []  # per shard: name -> bytes, in order (every rank)
+        self._claimed: dict[str, int] = {}  # claimed by this rank, not yet written
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in names for _, names in self._shards):
-            raise ValueError(f"tensor {name!r} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._bytes + size > self.max_shard_bytes:
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
+    def _mine(self, shard: int) -> bool:
+        return shard % self.world_size == self.rank
+
+    def claim(self, sizes: Mapping[str, int]) -> bool:
+        """Place the tensors ``sizes`` (name -> bytes) together, in the current shard unless they
+        would overflow a non-empty one; True if this rank writes them."""
+        for name in sizes:
+            if any(name in shard for shard in self._shards):
+                raise ValueError(f"tensor {name!r} written twice")
+        total = sum(sizes.values())
+        if not self._shards or (self._shards[-1] and sum(self._shards[-1].values()) + total > self.max_shard_bytes):
             self._flush()
+            self._shards.append({})
+        self._shards[-1] |= sizes
+        self.total_bytes += total
+        mine = self._mine(len(self._shards) - 1)
+        if mine:
+            self._claimed |= sizes
+        return mine
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer a tensor this rank claimed (of the size claimed)."""
+        size = tensor.numel() * tensor.element_size()
+        if self._claimed.pop(name, None) != size:
+            raise ValueError(f"tensor {name!r} ({size} bytes) was not claimed by this writer with that size")
         self._buffer[name] = tensor.contiguous()
-        self._bytes += size
-        self.total_bytes += size
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.claim({name: tensor.numel() * tensor.element_size()}):
+            self.write(name, tensor)
+
+    def _partial(self, shard: int) -> Path:
+        return self.out_dir / f"shard-{shard:05d}.partial"
 
     def _flush(self) -> None:
-        file = self.out_dir / f"shard-{len(self._shards):05d}.partial"
-        save_file(self._buffer, str(file), metadata={"format": "pt"})
-        self._shards.append((file, list(self._buffer)))
-        self._buffer, self._bytes = {}, 0
+        """Write the current shard if it is this rank's."""
+        if not self._shards or not self._mine(len(self._shards) - 1):
+            return
+        if self._claimed:
+            raise ValueError(f"tensors {sorted(self._claimed)[:5]} were claimed but not written")
+        save_file(self._buffer, str(self._partial(len(self._shards) - 1)), metadata={"format": "pt"})
+        self._buffer = {}
 
     def close(self) -> None:
-        """Flush the last shard, give the shards their final names and write the index if sharded."""
-        if self._buffer or not self._shards:
-            self._flush()
+        """Flush the last shard, give this rank's shards their final names and (rank 0) write the index if sharded."""
+        if not self._shards:
+            self._shards.append({})
+        self._flush()
         n = len(self._shards)
         weight_map = {}
-        for i, (file, names) in enumerate(self._shards):
+        for i, names in enumerate(self._shards):
             final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(file, self.out_dir / final)
+            if self._mine(i):
+                os.replace(self._partial(i), self.out_dir / final)
             weight_map |= dict.fromkeys(names, final)
-        if n > 1:
+        if n > 1 and self.rank == 0:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
 

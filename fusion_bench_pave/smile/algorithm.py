@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from fusion_bench_pave import plugin  # noqa: F401,I001  (compat repair before fusion_bench imports)
 from fusion_bench import BaseAlgorithm
-from fusion_bench.mixins import auto_register_config
+from fusion_bench.mixins import LightningFabricMixin, auto_register_config
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.dtype import parse_dtype
 from huggingface_hub import snapshot_download
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fusion_bench_pave.arguments import check_argument_types, constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.io.atomic import atomic_output_dir, refuse_replacing_dir
+from fusion_bench_pave.io.shared_output import shared_atomic_output_dir, shared_temporary_dir
 from fusion_bench_pave.io.safetensors import LazyTensors
 from fusion_bench_pave.io.smile import is_smile_checkpoint, load_smile_model, write_smile_files
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
@@ -143,16 +143,19 @@ def safetensors_checkpoint_dir(modelpool: BaseModelPool, name: str) -> Path | No
 
 
 @auto_register_config
-class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
+class SmileMistralUpscalingAlgorithm(LightningFabricMixin, BaseAlgorithm):
     """SMILE-upscale a Mistral / Llama / Qwen2 / Gemma2 / Phi3 causal LM into a ``Smile*ForCausalLM``.
 
     When every pool entry is a safetensors checkpoint (local directory or hub id) they are streamed
     tensor by tensor (peak memory independent of depth) into ``model_path`` (or a temporary directory),
     which is then loaded with ``AutoModelForCausalLM``; otherwise the loaded models are upscaled in
     memory. Names follow FusionBench's ``SmileMistralUpscalingAlgorithm``: ``num_experts_per_tok``,
-    ``rank_of_router``, ``rank_of_expert`` (<= 0: dense experts), ``model_dtype``, ``device``,
-    ``accelerator`` (SVD device), ``model_path`` (if it exists and ``overwrite`` is false: loaded
-    when built with the same settings from the same models, refused otherwise).
+    ``rank_of_router``, ``rank_of_expert`` (<= 0: dense experts; both clamped per projection to its
+    full rank, as ``smile_upscaling`` does), ``model_dtype``, ``device``, ``accelerator`` (SVD device),
+    ``model_path`` (if it exists and ``overwrite`` is false: loaded when built with the same settings
+    from the same models, refused otherwise). Under Fabric DDP the ranks share the streamed output's
+    shards (``upscale_causal_lm_checkpoint``), written to ``model_path`` (or rank 0's temporary
+    directory), which must be on a filesystem every rank sees; every rank returns the model.
     """
 
     def __init__(
@@ -178,11 +181,14 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         check_taskpool_fits(self._program, modelpool, LANGUAGE_MODEL)
-        device = resolve_device(self.device)
+        device, fabric = resolve_device(self.device), self.fabric
+        accelerator = resolve_device(self.accelerator)
+        if fabric.world_size > 1 and accelerator is not None and accelerator.type == fabric.device.type == "cuda":
+            accelerator = fabric.device  # each rank's own GPU
         smile = SmileSettings(
             num_experts_per_tok=self.num_experts_per_tok, rank_of_router=self.rank_of_router,
             rank_of_expert=self.rank_of_expert, model_dtype=parse_dtype(self.model_dtype),
-            svd_method=self.svd_method, compute_device=resolve_device(self.accelerator),
+            svd_method=self.svd_method, compute_device=accelerator,
         )
         names = ["_pretrained_", *modelpool.model_names]
         dirs = [safetensors_checkpoint_dir(modelpool, n) for n in names]
@@ -196,21 +202,24 @@ class SmileMistralUpscalingAlgorithm(BaseAlgorithm):
                 log.info("loading cached SMILE model from %s", self.model_path)
                 return AutoModelForCausalLM.from_pretrained(self.model_path).to(device)
         if models is None:
-            with tempfile.TemporaryDirectory() as scratch:
-                out = self.model_path or Path(scratch) / "smile"
+            with shared_temporary_dir(fabric) as scratch:
+                out = self.model_path or scratch / "smile"
                 upscale_causal_lm_checkpoint(
                     dirs[0], dirs[1:], out, smile, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite,
-                    extra_files={} if record is None else {RECORD: record_text(record)},
+                    extra_files={} if record is None else {RECORD: record_text(record)}, fabric=fabric,
+                    progress=fabric.is_global_zero,
                 )
                 return AutoModelForCausalLM.from_pretrained(out).to(device).eval()
-        log.info("pool entries are not all safetensors checkpoints; upscaling in memory")
+        log.info("pool entries are not all safetensors checkpoints; upscaling in memory%s",
+                 " (on every rank: only streamed checkpoints are shared across ranks)" if fabric.world_size > 1 else "")
         if self.model_path is not None:
             refuse_replacing_dir(self.model_path, self.overwrite)  # before the work, not after it
         model = upscale_causal_lm(models[0].to(device), [m.to(device) for m in models[1:]], smile)
         if self.model_path is not None:
-            with atomic_output_dir(self.model_path, self.overwrite) as tmp:
-                model.save_pretrained(tmp)
-                write_record(tmp, record)
+            with shared_atomic_output_dir(self.model_path, self.overwrite, fabric) as tmp:
+                if fabric.is_global_zero:
+                    model.save_pretrained(tmp)
+                    write_record(tmp, record)
         return model
 
     def settings(self) -> dict:

@@ -18,6 +18,15 @@ from fusion_bench_pave.tensor_checks import first_nonfinite, first_shape_mismatc
 
 def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None, bs: Sequence[Tensor | None], gate_k: int, k: int) -> None:
     """Raise a ``ValueError`` naming ``name`` for an empty expert list, shape mismatches, non-finite weights or ranks out of range."""
+    check_layer_shapes(name, w0, ws, b0, bs, gate_k, k)
+    tensors = [("pretrained", w0, b0), *((f"fine-tuned model {i}", w, b) for i, (w, b) in enumerate(zip(ws, bs)))]
+    for label, w, b in tensors:
+        if first_nonfinite({"weight": w, "bias": b}) is not None:
+            raise ValueError(f"{name}: {label} has non-finite weights (NaN/inf)")
+
+
+def check_layer_shapes(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor | None, bs: Sequence[Tensor | None], gate_k: int, k: int) -> None:
+    """The checks of :func:`check_layer_inputs` that need no values (also for ``meta`` tensors, from checkpoint headers)."""
     if len(ws) == 0:
         raise ValueError(f"{name}: no fine-tuned models given (T=0); SMILE needs at least one expert")
     if w0.ndim != 2:
@@ -29,10 +38,6 @@ def check_layer_inputs(name: str, w0: Tensor, ws: Sequence[Tensor], b0: Tensor |
         if (key := first_shape_mismatch(reference, {"weight": w, "bias": b})) is not None:
             mine = w if key == "weight" else b
             raise ValueError(f"{name}: fine-tuned model {i} has {key} shape {shape_of(mine)}, pretrained has {shape_of(reference[key])}")
-    tensors = [("pretrained", w0, b0), *((f"fine-tuned model {i}", w, b) for i, (w, b) in enumerate(zip(ws, bs)))]
-    for label, w, b in tensors:
-        if first_nonfinite({"weight": w, "bias": b}) is not None:
-            raise ValueError(f"{name}: {label} has non-finite weights (NaN/inf)")
     max_rank = min(w0.shape)
     if not 1 <= gate_k <= max_rank:
         raise ValueError(f"{name}: gate_k={gate_k} out of range [1, {max_rank}] for a {w0.shape[0]}x{w0.shape[1]} weight")

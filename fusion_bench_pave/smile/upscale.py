@@ -187,12 +187,21 @@ def log_report(report: UpscaleReport, gate_k: int, k: int) -> None:
     log.info("SMILE: upscaled %d linear layers, %d unchanged, %d not targeted, %d heads left pretrained, %d averaged",
              len(report.upscaled), len(report.unchanged), len(report.not_targeted), len(report.heads),
              len(report.averaged))
-    clamped = {name: ranks for name, ranks in report.ranks.items() if ranks != (gate_k, k)}
-    if clamped:
-        log.info("SMILE: ranks (gate_k, k) clamped to the layer's full rank, from (%d, %d): %s", gate_k, k,
-                 ", ".join(f"{name} {ranks}" for name, ranks in clamped.items()))
+    log_clamped_ranks(report.ranks, gate_k, k)
     if report.kept_pretrained:
         log.warning(
             "SMILE keeps the PRETRAINED weights of these modules although the fine-tuned models changed "
             "them: %s. Heads are left pretrained unless target_modules names them; average_experts=true "
             "averages the other leaf modules (norms, embeddings, convolutions).", type_summary(report.kept_pretrained))
+
+
+def clamped_ranks(ranks: dict[str, tuple[int, int]], gate_k: int, k: int) -> dict[str, tuple[int, int]]:
+    """The layers of ``ranks`` (name -> (gate_k, k)) whose ranks differ from the model-wide ``(gate_k, k)``."""
+    return {name: tuple(layer) for name, layer in ranks.items() if tuple(layer) != (gate_k, k)}
+
+
+def log_clamped_ranks(ranks: dict[str, tuple[int, int]], gate_k: int, k: int) -> None:
+    """Log the layers whose (gate_k, k) ``layer_ranks`` clamped to their full rank, with their ranks."""
+    if clamped := clamped_ranks(ranks, gate_k, k):
+        log.info("SMILE: ranks (gate_k, k) clamped to the layer's full rank, from (%d, %d): %s", gate_k, k,
+                 ", ".join(f"{name} {layer}" for name, layer in clamped.items()))

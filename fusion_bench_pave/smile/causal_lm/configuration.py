@@ -1,8 +1,11 @@
-"""Configs of SMILE causal LMs: the base architecture's config plus the four SMILE fields.
+"""Configs of SMILE causal LMs: the base architecture's config plus the SMILE fields.
 
 Field names match FusionBench's ``SmileMistralConfig`` / ``SmileGemma2Config``
 (``num_experts_per_tok``, ``rank_of_router``, ``rank_of_expert``, ``num_local_experts``) and so
 do the model types (``smile_<base model_type>``); ``rank_of_expert <= 0`` means dense experts.
+``layer_ranks`` (ours) lists the projections whose (router, expert) ranks differ from the model-wide
+ones, clamped to their full rank (``decompose.layer_ranks``); configs without it (saved before it
+existed, when every projection had the model-wide ranks) load as before.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ class SmileFields:
     rank_of_router: int = 8
     rank_of_expert: int = 512
     num_local_experts: int = 1
+    # "layers.<i>.<projection>" -> [rank_of_router, rank_of_expert] of that projection, where they differ
+    layer_ranks: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def projection_ranks(self, key: str) -> tuple[int, int]:
+        """(gate_k, k) of the projection ``layers.<i>.<projection>``."""
+        return tuple(self.layer_ranks.get(key, (self.rank_of_router, self.rank_of_expert)))
 
 
 def smile_config(base: type) -> type:

@@ -59,13 +59,21 @@ def projection_pattern(projections: Sequence[str], suffix: str = "") -> re.Patte
     return re.compile(rf"(?:.*\.)?layers\.\d+\.(?:{alternatives}){re.escape(suffix)}")
 
 
+def decoder_key(name: str) -> str:
+    """``layers.<i>.<projection>``: a projection's name below the decoder stack (the key of
+    ``config.layer_ranks``, the same in ``*Model`` and ``*ForCausalLM``)."""
+    return name[re.search(r"(?:^|\.)layers\.\d+\.", name).start():].lstrip(".")
+
+
 def install_smile_linears(model: nn.Module, config) -> None:
-    """Replace every decoder projection of ``model`` by a ``SmileLinear`` of the same shape."""
+    """Replace every decoder projection of ``model`` by a ``SmileLinear`` of the same shape and the
+    projection's ranks (``config.projection_ranks``)."""
     pattern = projection_pattern(SMILE_PROJECTIONS[config.model_type.removeprefix("smile_")])
     for name, old in [(n, m) for n, m in model.named_modules() if pattern.fullmatch(n)]:
+        gate_k, k = config.projection_ranks(decoder_key(name))
         set_module(model, name, SmileLinear(
             old.in_features, old.out_features,
-            num_experts=config.num_local_experts, gate_k=config.rank_of_router, k=config.rank_of_expert,
+            num_experts=config.num_local_experts, gate_k=gate_k, k=k,
             top_k=config.num_experts_per_tok, bias=old.bias is not None,
             device=old.weight.device, dtype=old.weight.dtype,
         ))

@@ -1,0 +1,36 @@
+"""Collectives of a Lightning Fabric run that every rank calls at the same point (None: one process).
+
+Used where ranks share work: each rank learns whether another failed, instead of waiting forever
+for a rank that has raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def rank_and_size(fabric: Any | None) -> tuple[int, int]:
+    """(global rank, world size); (0, 1) without a Fabric."""
+    return (0, 1) if fabric is None else (fabric.global_rank, fabric.world_size)
+
+
+def sum_over_ranks(fabric: Any | None, value: int) -> int:
+    """The sum of the integer ``value`` over all ranks."""
+    if rank_and_size(fabric)[1] == 1:
+        return value
+    return int(fabric.all_reduce(torch.tensor(value, dtype=torch.long, device=fabric.device), reduce_op="sum").item())
+
+
+def raise_if_any_failed(fabric: Any | None, error: BaseException | None, what: str) -> None:
+    """Every rank tells the others whether ``what`` failed on it: a rank that failed raises its own
+    ``error``, the others a ``RuntimeError`` naming the failed ranks and their errors."""
+    rank, world_size = rank_and_size(fabric)
+    if world_size > 1:
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        reports = [fabric.broadcast(mine if src == rank else None, src=src) for src in range(world_size)]
+    if error is not None:
+        raise error
+    if world_size > 1 and (failed := {src: report for src, report in enumerate(reports) if report is not None}):
+        raise RuntimeError(f"{what} failed on rank(s) {sorted(failed)}: " + "; ".join(f"rank {src}: {report}" for src, report in failed.items()))
