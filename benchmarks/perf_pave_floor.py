@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.perf_pave import QUICK, SETTINGS
+from benchmarks.perf_pave import QUICK, SETTINGS, write_results
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
 from fusion_bench_pave.pave.models import LinearWeights
 from fusion_bench_pave.pave.purification import PurifySettings, RegularizedCovariances, purify
@@ -266,11 +266,7 @@ def main() -> None:
             rows.append(bench_floor(name, setting, args.repeats, args.threads))
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("config", "times")}), flush=True)
     print(table(rows))
-    out = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__, "targets": TARGETS,
-           "load_avg_1m_at_end": os.getloadavg()[0], "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, rows, quick=args.quick, threads=args.threads, targets=TARGETS)
 
 
 if __name__ == "__main__":
