@@ -251,8 +251,8 @@ def purification_timings(shapes: list[tuple[int, int]], label: str, device: torc
 
         def run() -> None:
             cov_eps, _ = regularize(cov, REG.regularization, REG.eps0, REG.eps_tol, REG.relative_alpha)
-            u, _ = context_eigh(weight, cov_eps)
-            remove_subspace(weight, u[:, rank:])
+            dropped, _ = context_eigh(weight, cov_eps, rank)  # U's columns rank.. only, as purification forms them
+            remove_subspace(weight, dropped)
 
         def floor() -> None:  # the irreducible products: W C_eps and the Gram of the smaller side
             m = weight.double() @ cov

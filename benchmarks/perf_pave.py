@@ -193,6 +193,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path: str, rows: list[dict], **meta: Any) -> None:
+    """JSON of a benchmark run: `meta`, torch's version, the load at the end and the rows."""
+    out = {**meta, "torch": torch.__version__, "load_avg_1m_at_end": os.getloadavg()[0], "rows": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
 def iter_settings(names: list[str], quick: bool, mistral_modules: list[str] | None) -> Iterator[tuple[str, dict]]:
     for name in names:
         setting = dict(SETTINGS[name])
@@ -225,11 +233,7 @@ def main() -> None:
             repeats = 1 if args.quick or name == "mistral_layer" else args.repeats
             rows.append(bench_setting(name, setting, repeats, args.threads, tmp))
     print(table(rows))
-    out = {"quick": args.quick, "threads": args.threads, "rho": RHO, "torch": torch.__version__,
-           "load_avg_1m_at_end": os.getloadavg()[0], "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, rows, quick=args.quick, threads=args.threads, rho=RHO)
 
 
 if __name__ == "__main__":

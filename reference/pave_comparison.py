@@ -10,6 +10,7 @@ same rho, and return ({task: {layer: purified weight}}, {task: {layer: kept rank
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -66,6 +67,24 @@ def build(setting: dict) -> tuple[nn.Module, dict[str, nn.Module], dict[str, lis
     finetuned = {t: tiny_models.perturbed(pretrained, 100 + i) for i, t in enumerate(tasks)}
     batches = {t: calibration_batches(setting, 200 + i) for i, t in enumerate(tasks)}
     return pretrained, finetuned, batches
+
+
+def exact_reference(weight: torch.Tensor, cov_eps: torch.Tensor, rank: int) -> torch.Tensor:
+    """The exact purified weight: U_r U_r^T W with U from the float64 SVD of W C_eps."""
+    w = weight.to(torch.float64)
+    u = torch.linalg.svd(w @ cov_eps.to(torch.float64), full_matrices=False)[0][:, :rank]
+    return u @ (u.T @ w)
+
+
+def max_error_vs_exact(purified: dict, ranks: dict, weights: dict, cov_eps: Callable[[str, str], torch.Tensor]) -> float:
+    """Max over (task, layer) of ||W_purified - exact_reference||_F / ||exact_reference||_F, with the
+    C_eps that cov_eps(task, layer) gives and the kept ranks {task: {layer: r}}."""
+    worst = 0.0
+    for task, layers in purified.items():
+        for layer, w in layers.items():
+            ref = exact_reference(weights[task][layer], cov_eps(task, layer), ranks[task][layer])
+            worst = max(worst, float(torch.linalg.norm(w.double() - ref) / torch.linalg.norm(ref)))
+    return worst
 
 
 def run_ours(finetuned: dict[str, nn.Module], batches: dict[str, list[dict]], setting: dict, rho: float = RHO) -> Purified:

@@ -227,6 +227,9 @@ def test_projection_form_equals_inverse_form(shape, rank):
     # tall W: U = M V / S carries ~1e-16 * S_1^2 / S_i of rounding in its smallest columns
     eigh_projected = remove_subspace(w, u_eigh[:, rank:])
     assert torch.linalg.norm(eigh_projected - projected) / torch.linalg.norm(projected) <= 1e-8
+    dropped, s_start = context_eigh(w, cov, rank)  # columns rank.. only: same eigh; tall M V is a narrower GEMM
+    assert torch.equal(s_start, s_eigh) and dropped.shape[1] == len(s) - rank
+    torch.testing.assert_close(dropped, u_eigh[:, rank:], rtol=0, atol=1e-12)
     assert torch.linalg.norm(projected - inverse_form) / torch.linalg.norm(inverse_form) <= 1e-5
     # activated pruning error = sqrt(sum of dropped S^2)
     err = torch.linalg.norm((w - projected) @ cov)

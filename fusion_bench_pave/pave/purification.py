@@ -1,7 +1,7 @@
 """PAVE's purification of a pool as pure functions over {task: {layer: weight}} (torch only).
 
-Each (task, layer) takes one eigendecomposition of the Gram matrix of W C_eps (spectrum and U
-together). per_layer/uniform ranks depend on one layer's spectra only: decompose, allocate, project,
+Each (task, layer) takes one eigendecomposition of the Gram matrix of W C_eps (spectrum and the
+columns of U that the allocation can drop, together). per_layer/uniform ranks depend on one layer's spectra only: decompose, allocate, project,
 layer by layer. per_model needs every layer's spectrum first, so a first pass also keeps the trailing
 columns of U that the collapsed ranks can drop (up to `tail_bytes`; beyond that, pruned layers are
 decomposed again). Only eps is kept per input (C_eps is rebuilt, bit-identical), so one covariance
@@ -20,8 +20,8 @@ from torch import Tensor
 
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.purify import context_eigh, remove_subspace
-from fusion_bench_pave.pave.rank_allocation import Allocation, allocate_ranks, floor_rank, normalized_spectrum
-from fusion_bench_pave.pave.regularize import Regularization, add_identity, regularize
+from fusion_bench_pave.pave.rank_allocation import Allocation, allocate_ranks, floor_rank, normalized_spectrum, uniform_rank
+from fusion_bench_pave.pave.regularize import Regularization, regularize
 
 Weights = Mapping[str, Mapping[str, Tensor]]  # {task: {layer: weight [out, in]}}
 Progress = Callable[[Iterable, str], Iterable]  # (iterable, description) -> the same items
@@ -63,9 +63,10 @@ class RegularizedCovariances:
     def __call__(self, task: str, layer: str) -> Tensor:
         stats = self.statistics[task]
         key = (task, stats.input_of[layer])
-        cov = stats.covariance(layer)
+        cov = stats.covariance(layer)  # a new tensor: C_eps is built in place, with add_identity's bits
         if key in self.eps:
-            return add_identity(cov, self.eps[key])
+            cov.diagonal().add_(self.eps[key])
+            return cov
         s = self.settings
         regularized, self.eps[key] = regularize(cov, s.regularization, s.eps0, s.eps_tol, s.relative_alpha)
         return regularized
@@ -88,8 +89,19 @@ def _no_progress(items: Iterable, description: str) -> Iterable:
     return items
 
 
-def _decompose(weights: Weights, cov_eps: RegularizedCovariances, task: str, layer: str) -> tuple[Tensor, Tensor]:
-    return context_eigh(weights[task][layer], cov_eps(task, layer))
+def lowest_rank(full_rank: int, settings: PurifySettings) -> int:
+    """The fewest components per_layer or uniform allocation can keep of a layer (the columns of U
+    before it are never dropped, so they are not formed)."""
+    if settings.allocation == "uniform":
+        return uniform_rank(full_rank, settings.rho)
+    return floor_rank(full_rank, settings.rho, settings.floor_factor)
+
+
+def _decompose(
+    weights: Weights, cov_eps: RegularizedCovariances, task: str, layer: str, start: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Columns start.. of U and all of S for (task, layer)."""
+    return context_eigh(weights[task][layer], cov_eps(task, layer), start)
 
 
 def _project(
@@ -122,10 +134,11 @@ def iter_purified(
     cov_eps = RegularizedCovariances(statistics, settings)
     if settings.allocation != "per_model":
         for layer in progress(layers, "PAVE purify"):
-            decompositions = {task: _decompose(weights, cov_eps, task, layer) for task in tasks}
+            start = lowest_rank(min(weights[tasks[0]][layer].shape), settings)
+            decompositions = {task: _decompose(weights, cov_eps, task, layer, start) for task in tasks}
             spectra = {layer: [normalized_spectrum(s) for _, s in decompositions.values()]}
             kept = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)[layer]
-            bases = {task: (u, 0) for task, (u, _) in decompositions.items()}
+            bases = {task: (u, start) for task, (u, _) in decompositions.items()}
             yield _project(weights, layer, dict(zip(tasks, kept)), len(spectra[layer][0]), bases)
         return
 
@@ -136,14 +149,13 @@ def iter_purified(
     budget = tail_bytes
     for layer in progress(layers, "PAVE spectra"):
         spectra[layer] = []
+        start = max(0, math.floor(lowest * min(weights[tasks[0]][layer].shape)) - 1)
         for task in tasks:
-            u, s = _decompose(weights, cov_eps, task, layer)
+            tail, s = _decompose(weights, cov_eps, task, layer, start)
             spectra[layer].append(normalized_spectrum(s))
-            start = max(0, math.floor(lowest * len(s)) - 1)
-            tail = u[:, start:]
             if tail.numel() * tail.element_size() <= budget:
                 budget -= tail.numel() * tail.element_size()
-                tails[(task, layer)] = (tail.clone(), start)
+                tails[(task, layer)] = (tail, start)
     allocated = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)
     for layer in progress(layers, "PAVE purify"):
         ranks, full_rank = dict(zip(tasks, allocated[layer])), len(spectra[layer][0])

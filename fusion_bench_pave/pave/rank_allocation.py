@@ -39,6 +39,11 @@ def floor_rank(full_rank: int, rho: float, floor_factor: float = 1.5) -> int:
     return max(1, full_rank - round(floor_factor * dropped))
 
 
+def uniform_rank(full_rank: int, rho: float) -> int:
+    """Components every model keeps under uniform allocation: max(1, floor(rho * R))."""
+    return max(1, math.floor(rho * full_rank + 1e-9))
+
+
 def layer_total(full_rank: int, num_models: int, rho: float, floor_factor: float = 1.5) -> int:
     """Components one layer keeps over all models: the budget, or T floors where those are more."""
     return max(rank_budget(full_rank, num_models, rho), num_models * floor_rank(full_rank, rho, floor_factor))
@@ -92,7 +97,7 @@ def allocate_ranks(
     if not 0 < rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     if allocation == "uniform":
-        return {l: [max(1, math.floor(rho * len(s[0]) + 1e-9))] * len(s) for l, s in spectra.items()}
+        return {l: [uniform_rank(len(s[0]), rho)] * len(s) for l, s in spectra.items()}
     ranks = {l: allocate_layer(s, rho, floor_factor) for l, s in spectra.items()}
     if allocation == "per_layer":
         return ranks
