@@ -29,7 +29,7 @@ from fusion_bench_pave.pave.causal_lm_purification import (
     check_streamed_allocation,
     pave_merge_causal_lm_checkpoints,
 )
-from fusion_bench_pave.pave.config_checks import check_purification, check_task_names
+from fusion_bench_pave.pave.config_checks import check_merger, check_purification, check_task_names
 from fusion_bench_pave.pave.models import check_purifiable
 from fusion_bench_pave.pave.purification import PurifySettings
 from fusion_bench_pave.pave.rank_allocation import Allocation
@@ -119,6 +119,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     def run(self, modelpool: CausalLMPool) -> PreTrainedModel:
         check_purification(type(self), constructor_arguments(self))
         check_streamed_allocation(self.purification)
+        check_merger(self.merger)
         method, merge_dare = streamed_merger(self.merger, self.seed)
         if self.output_path is not None:
             refuse_replacing_dir(self.output_path, self.overwrite)
