@@ -17,48 +17,54 @@ from fusion_bench_pave.merging.dare import random_drop, skip_draws
 from fusion_bench_pave.merging.stream import Dare, MergePlan, tensor_spec
 
 
-class DaredWeights(Mapping[str, Tensor]):
+class _View(Mapping[str, Tensor]):
+    """A view with the names, shapes and dtypes of the checkpoint ``self.base``."""
+
+    base: Mapping[str, Tensor]
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        return tensor_spec(self.base, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class DaredWeights(_View):
     """``finetuned`` with DARE applied to the deltas of ``plan.drawn`` (``state``: this task's generator
     state before its first draw). Reads in the plan's order cost one draw per drawn tensor; reading an
     earlier tensor again restarts the generator (each pass of a merge restarts once)."""
 
     def __init__(self, pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], plan: MergePlan, dare: Dare,
                  state: Tensor) -> None:
-        self.pretrained, self.finetuned, self.dare, self.state = pretrained, finetuned, dare, state
+        self.pretrained, self.base, self.dare, self.state = pretrained, finetuned, dare, state
         self.drawn = [name for name in plan.order if name in plan.drawn]
         self.index = {name: i for i, name in enumerate(self.drawn)}
         self.generator, self.position = torch.Generator().set_state(state), 0
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.index:
-            return self.finetuned[name]
+            return self.base[name]
         index = self.index[name]
         if index < self.position:
             self.generator, self.position = torch.Generator().set_state(self.state), 0
         skip_draws(self.generator, [self._draw(skipped) for skipped in self.drawn[self.position:index]])
         self.position = index + 1
         pretrained = self.pretrained[name]
-        return pretrained + random_drop(self.finetuned[name] - pretrained, self.dare.sparsity_ratio, self.dare.rescale,
+        return pretrained + random_drop(self.base[name] - pretrained, self.dare.sparsity_ratio, self.dare.rescale,
                                         self.generator)
 
     def _draw(self, name: str) -> tuple[int, torch.dtype]:
-        shape, dtype = tensor_spec(self.finetuned, name)
+        shape, dtype = tensor_spec(self.base, name)
         return shape.numel(), dtype
 
-    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
-        return tensor_spec(self.finetuned, name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.finetuned
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.finetuned)
-
-    def __len__(self) -> int:
-        return len(self.finetuned)
-
-
-class Overlay(Mapping[str, Tensor]):
+class Overlay(_View):
     """``base`` with the tensors of ``top`` in place of its own (``top`` may only replace, not add)."""
 
     def __init__(self, top: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> None:
@@ -77,12 +83,3 @@ class Overlay(Mapping[str, Tensor]):
 
     def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
         return tensor_spec(self.source(name), name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.base
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
