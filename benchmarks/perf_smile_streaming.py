@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,19 +93,25 @@ def write_checkpoints(root: Path, depth: int, experts: int, seed: int = 0) -> tu
     return dirs[0], dirs[1:]
 
 
+@contextmanager
+def generated_checkpoints(root: str | None, depth: int, count: int) -> Iterator[tuple[Path, Path, list[Path], float, float]]:
+    """A temporary directory (under ``root``) holding ``write_checkpoints``' base and ``count`` fine-tuned
+    copies: (directory, base, copies, seconds to write them, their GB)."""
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        start = time.perf_counter()
+        base, copies = write_checkpoints(Path(tmp), depth, count)
+        seconds = time.perf_counter() - start
+        yield Path(tmp), base, copies, seconds, sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors")) / 2**30
+
+
 def streaming(args: argparse.Namespace) -> list[dict]:
     rows = []
     for depth in args.depths:
-        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-            t0 = time.perf_counter()
-            base, experts = write_checkpoints(Path(tmp), depth, args.experts)
-            input_gb = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors")) / 2**30
+        with generated_checkpoints(args.tmp, depth, args.experts) as (tmp, base, experts, gen_seconds, input_gb):
             child = {"base": str(base), "experts": [str(e) for e in experts], "out": str(Path(tmp) / "smile"),
                      "rank_of_router": args.rank_of_router, "rank_of_expert": args.rank_of_expert,
                      "max_shard_bytes": args.max_shard_mb * 2**20, "threads": torch.get_num_threads()}
-            gen_seconds = time.perf_counter() - t0
-            proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child)], capture_output=True, text=True, check=True)
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = run_child(CHILD, child)
             output_gb = sum(f.stat().st_size for f in (Path(tmp) / "smile").glob("*.safetensors")) / 2**30
         row = {"depth": depth, "experts": args.experts, "input_gb": round(input_gb, 2), "output_gb": round(output_gb, 2),
                "peak_rss_mb": round(result["peak_rss_mb"]), "upscale_s": round(result["seconds"], 1), "generate_s": round(gen_seconds, 1)}
@@ -118,7 +126,16 @@ def streaming(args: argparse.Namespace) -> list[dict]:
 MISTRAL_7B_LAYERS = 32
 
 
-def projection(rows: list[dict], layers: int) -> dict:
+def run_child(script: str, arguments: dict) -> dict:
+    """Run ``script`` in a fresh Python with ``arguments`` as JSON in argv[1]; the JSON of its last
+    output line (RuntimeError with its stderr if it fails)."""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(arguments)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def projection(rows: list[dict], layers: int, time_key: str = "upscale_s", count_key: str = "experts") -> dict:
     """Full-depth estimate from the measured depths. Time: the deepest run's seconds per layer (its
     one-off costs spread over its layers, so an upper bound; a line fit is useless when the load of
     the shared machine changes between depths). Peak RSS: the measured maximum plus the least-squares
@@ -128,12 +145,12 @@ def projection(rows: list[dict], layers: int) -> dict:
     mean_d, mean_r = statistics.mean(depths), statistics.mean(rss)
     rss_slope = sum((d - mean_d) * (v - mean_r) for d, v in zip(depths, rss)) / sum((d - mean_d) ** 2 for d in depths)
     deepest = max(rows, key=lambda r: r["depth"])
-    per_layer_s = deepest["upscale_s"] / deepest["depth"]
-    return {"depth": f"{layers} (projected)", "experts": rows[0]["experts"],
+    per_layer_s = deepest[time_key] / deepest["depth"]
+    return {"depth": f"{layers} (projected)", count_key: rows[0][count_key],
             "input_gb": round(deepest["input_gb"] / deepest["depth"] * layers, 1),
             "output_gb": round(deepest["output_gb"] / deepest["depth"] * layers, 1),
             "peak_rss_mb": round(max(rss) + max(0.0, rss_slope) * (layers - max(depths))),
-            "upscale_s": round(per_layer_s * layers), "upscale_s_per_layer": round(per_layer_s, 1),
+            time_key: round(per_layer_s * layers), f"{time_key}_per_layer": round(per_layer_s, 1),
             "peak_rss_mb_per_layer": round(rss_slope, 1)}
 
 
@@ -235,12 +252,17 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" / f"perf_smile_{'speed' if args.speed else 'streaming'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print_table(rows)
+    print(f"wrote {out}")
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as a Markdown table (columns of the first row; per-repeat times left out)."""
     keys = [k for k in rows[0] if k != "times_ms"]
     print(" | ".join(keys))
     print(" | ".join("---" for _ in keys))
     for row in rows:
         print(" | ".join(f"{row.get(k, ''):.1e}" if isinstance(row.get(k), float) and abs(row[k]) < 1e-2 else str(row.get(k, "")) for k in keys))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -40,10 +40,13 @@ def _pretrained(models) -> str:
 
 # presets over this package's offline zoos (composing must not resolve ${fbp_zoo:...}: that builds)
 ZOO_PRESETS = {"pave_ties_zoo_minilm": (PAVE, "zoo_minilm")}
+# presets of the streamed causal-LM methods, composed and run offline on the tiny Mistral in their own module
+STREAMED_PRESETS = {"pave_ta_qwen2.5-7b_math_code": "test_causal_lm_pave_preset.py"}
 
 
 def test_every_preset_file_is_covered():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS])
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS, *STREAMED_PRESETS])
+    assert all((Path(__file__).parent / module).is_file() for module in STREAMED_PRESETS.values())
 
 
 def test_zoo_demo_preset_composes_without_building_the_zoo(tiny_cache):

@@ -186,11 +186,12 @@ def test_in_memory_path_refuses_foreign_files_before_upscaling(tmp_path, mistral
 
 
 def test_hub_ids_resolve_to_snapshots_and_stream(tmp_path, mistral_family, monkeypatch):
+    from fusion_bench_pave.modelpool import checkpoints
     from fusion_bench_pave.smile import algorithm
 
     _, _, root = mistral_family
     snapshots = {"org/base": root / "base", "org/ft0": root / "ft0", "org/ft1": root / "ft1"}
-    monkeypatch.setattr(algorithm, "snapshot_download", lambda repo_id, allow_patterns: str(snapshots[repo_id]))
+    monkeypatch.setattr(checkpoints, "snapshot_download", lambda repo_id, allow_patterns: str(snapshots[repo_id]))
     streamed = []
     real = algorithm.upscale_causal_lm_checkpoint
     monkeypatch.setattr(algorithm, "upscale_causal_lm_checkpoint", lambda *a, **kw: streamed.append(a) or real(*a, **kw))

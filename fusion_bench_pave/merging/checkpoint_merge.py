@@ -15,7 +15,7 @@ from collections.abc import Container, Sequence
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from fusion_bench_pave.io.atomic import atomic_output_dir, refuse_replacing_dir
 from fusion_bench_pave.causal_lm_skeleton import meta_causal_lm, stored_names
@@ -52,6 +52,33 @@ def merge_plan(model: nn.Module, stored: Container[str], dare: Dare | None = Non
     return MergePlan(tuple(order), Counter(names.values()), frozenset(drawn))
 
 
+def open_causal_lm_checkpoints(pretrained_path: str | os.PathLike, finetuned_paths: Sequence[str | os.PathLike]
+                               ) -> tuple[PretrainedConfig, LazyTensors, list[LazyTensors]]:
+    """The pretrained config and lazy readers of every checkpoint (file headers only); ValueError if
+    a fine-tuned model's type is not the pretrained one's."""
+    config = AutoConfig.from_pretrained(pretrained_path)
+    for path in finetuned_paths:
+        if (model_type := AutoConfig.from_pretrained(path).model_type) != config.model_type:
+            raise ValueError(f"{path}: model type {model_type!r}, the pretrained model's is {config.model_type!r}")
+    return config, LazyTensors(pretrained_path), [LazyTensors(path) for path in finetuned_paths]
+
+
+def write_merged_checkpoint(pretrained_path: str | os.PathLike, stream: TaskVectorStream, method: TaskArithmetic | Ties,
+                            out_path: str | os.PathLike, *, max_shard_bytes: int = 2 * 2**30, overwrite: bool = False,
+                            progress: bool = True) -> Path:
+    """Write the merge of ``stream`` into ``out_path`` (atomically, sharded) with the pretrained model's
+    config and tokenizer files."""
+    pretrained_path = Path(pretrained_path)
+    with atomic_output_dir(out_path, overwrite) as staging:
+        writer = ShardWriter(staging, max_shard_bytes)
+        for name, tensor in merged_tensors(stream, method, progress):
+            writer.add(name, tensor)
+        writer.close()
+        shutil.copy2(pretrained_path / "config.json", staging / "config.json")
+        copy_tokenizer_files(pretrained_path, staging)
+    return Path(out_path)
+
+
 def merge_causal_lm_checkpoints(
     pretrained_path: str | os.PathLike,
     finetuned_paths: Sequence[str | os.PathLike],
@@ -68,21 +95,9 @@ def merge_causal_lm_checkpoints(
     replaced only with ``overwrite`` and only if we wrote it) with ``method``, after DARE's drop if
     ``dare`` and ``transform`` of each tensor's task vectors if given. Validates every checkpoint's
     tensor names, shapes and dtypes (file headers) before reading any weight."""
-    pretrained_path = Path(pretrained_path)
     refuse_replacing_dir(out_path, overwrite)
-    config = AutoConfig.from_pretrained(pretrained_path)
-    for path in finetuned_paths:
-        if (model_type := AutoConfig.from_pretrained(path).model_type) != config.model_type:
-            raise ValueError(f"{path}: model type {model_type!r}, the pretrained model's is {config.model_type!r}")
-    pretrained = LazyTensors(pretrained_path)
-    stream = TaskVectorStream(pretrained, [LazyTensors(path) for path in finetuned_paths],
-                              merge_plan(meta_causal_lm(config), pretrained, dare), dare, transform,
+    config, pretrained, finetuned = open_causal_lm_checkpoints(pretrained_path, finetuned_paths)
+    stream = TaskVectorStream(pretrained, finetuned, merge_plan(meta_causal_lm(config), pretrained, dare), dare, transform,
                               labels=[str(path) for path in finetuned_paths])
-    with atomic_output_dir(out_path, overwrite) as staging:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for name, tensor in merged_tensors(stream, method, progress):
-            writer.add(name, tensor)
-        writer.close()
-        shutil.copy2(pretrained_path / "config.json", staging / "config.json")
-        copy_tokenizer_files(pretrained_path, staging)
-    return Path(out_path)
+    return write_merged_checkpoint(pretrained_path, stream, method, out_path, max_shard_bytes=max_shard_bytes,
+                                   overwrite=overwrite, progress=progress)

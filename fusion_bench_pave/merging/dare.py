@@ -7,7 +7,7 @@ tensor after tensor. Passing a generator that has drawn the same shapes and dtyp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,17 @@ def random_drop(vector: Tensor, sparsity: float, rescale: bool, generator: torch
     keep = torch.rand(vector.shape, generator=generator, dtype=vector.dtype, device=vector.device) > sparsity
     dropped = vector * keep
     return dropped / (1 - sparsity) if rescale else dropped
+
+
+def task_generator_states(draws: Sequence[tuple[int, torch.dtype]], seed: int, num_tasks: int) -> list[Tensor]:
+    """Task t's generator state: seeded, then past the ``draws`` of tasks 0..t-1 (FusionBench drops
+    task after task from one global generator)."""
+    generator = torch.Generator().manual_seed(seed)
+    states = [generator.get_state()]
+    for _ in range(num_tasks - 1):
+        skip_draws(generator, draws)
+        states.append(generator.get_state())
+    return states
 
 
 def skip_draws(generator: torch.Generator, draws: Iterable[tuple[int, torch.dtype]]) -> None:

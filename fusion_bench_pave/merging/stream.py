@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.merging.dare import random_drop, skip_draws
+from fusion_bench_pave.merging.dare import random_drop, task_generator_states
 from fusion_bench_pave.merging.kth_magnitude import KthMagnitude
 from fusion_bench_pave.merging.task_arithmetic import task_arithmetic
 from fusion_bench_pave.merging.ties import MERGE_FUNCS, MergeFunc, keep_fraction, majority_sign, sign_votes, ties_merge, trim, trim_rank
@@ -87,6 +87,11 @@ def tensor_spec(tensors: Mapping[str, Tensor], name: str) -> tuple[torch.Size, t
     return tensor.shape, tensor.dtype
 
 
+def plan_draws(plan: MergePlan, specs: Mapping[str, tuple[torch.Size, torch.dtype]]) -> list[tuple[int, torch.dtype]]:
+    """(numel, dtype) of each uniform draw DARE makes for one task, in the plan's order."""
+    return [(specs[name][0].numel(), specs[name][1]) for name in plan.order if name in plan.drawn]
+
+
 def _describe(spec: tuple[torch.Size, torch.dtype]) -> str:
     return f"{list(spec[0])} {str(spec[1]).removeprefix('torch.')}"
 
@@ -118,19 +123,7 @@ class TaskVectorStream:
                 if (spec := tensor_spec(tensors, name)) != self.specs[name]:
                     raise ValueError(f"{label}: {name} is {_describe(spec)}, the pretrained one {_describe(self.specs[name])}; "
                                      "all models must have the pretrained architecture")
-        self._states = self._generator_states() if dare is not None else []
-
-    def _generator_states(self) -> list[Tensor]:
-        """Task t's generator state: seeded, then past the draws of tasks 0..t-1 (FusionBench drops
-        task after task from one global generator)."""
-        draws = [(self.specs[name][0].numel(), self.specs[name][1]) for name in self.plan.order
-                 if name in self.plan.drawn]
-        generator = torch.Generator().manual_seed(self.dare.seed)
-        states = [generator.get_state()]
-        for _ in self.finetuned[1:]:
-            skip_draws(generator, draws)
-            states.append(generator.get_state())
-        return states
+        self._states = [] if dare is None else task_generator_states(plan_draws(plan, self.specs), dare.seed, len(self.finetuned))
 
     @property
     def dtypes(self) -> set[torch.dtype]:

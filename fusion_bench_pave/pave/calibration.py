@@ -125,12 +125,15 @@ def iter_batches(
     """Yield (model kwargs, token mask) batches for the selected rows. Texts are padded to the
     batch's longest ("longest", the dynamic padding of the official GLUE path) or each to
     `max_length` ("max_length", the official LLM path); with mask_padding=False the padding tokens
-    are rows of the covariance, as in the official code."""
+    are rows of the covariance, as in the official code. Inputs go to the model's device and dtype
+    (the CPU for a model on the meta device: a streamed checkpoint's skeleton)."""
     if padding not in ("longest", "max_length"):
         raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}.")
     kind, columns = find_column(dataset, task)
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
+    if device.type == "meta":
+        device = torch.device("cpu")
     for start in range(0, len(indices), batch_size):
         rows = dataset.select(indices[start : start + batch_size])
         if kind == "image":

@@ -90,21 +90,23 @@ def merges_finetuned_weights(merger_class: type) -> bool:
 
 def check_hyperparameters(cls: type, arguments: Mapping[str, Any]) -> None:
     """Types, ranges and choices of PAVE's constructor ``arguments`` (``cls`` gives the types), and its merger."""
+    check_purification(cls, arguments)
+    check_choices(arguments, {"covariance_offload": get_args(Offload)})
+    check_merger(arguments["merger"])
+
+
+def check_purification(cls: type, arguments: Mapping[str, Any]) -> None:
+    """Types of ``cls``'s constructor ``arguments``, the collection keys, and PAVE's purification keys
+    (rho, eps, allocation, regularization, dare), shared by the in-memory and streamed PAVE."""
     check_collection(cls, arguments)
     if not 0 < arguments["rho"] <= 1:
         raise ValueError(f"rho must be in (0, 1], got {arguments['rho']}; rho=1 keeps every component.")
     for name in ("eps0", "eps_tol", "relative_alpha"):
         if not arguments[name] > 0:
             raise ValueError(f"{name} must be > 0, got {arguments[name]}")
-    choices = {
-        "allocation": get_args(Allocation),
-        "regularization": get_args(Regularization),
-        "covariance_offload": get_args(Offload),
-    }
-    check_choices(arguments, choices)
+    check_choices(arguments, {"allocation": get_args(Allocation), "regularization": get_args(Regularization)})
     if arguments["dare"]:
         check_dare(arguments["dare"])
-    check_merger(arguments["merger"])
 
 
 def check_collection(cls: type, arguments: Mapping[str, Any]) -> None:

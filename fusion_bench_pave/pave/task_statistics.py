@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -185,9 +185,9 @@ class TaskStatistics:
         self.fabric.barrier()
         return self.cache.load(parts) or stats  # in memory if this process cannot see rank 0's cache
 
-    def collect(self, task: str, model: nn.Module, dataset: Any) -> CovarianceStats:
-        """Collect the statistics on the CPU; with several processes each takes a shard of the
-        calibration batches and the sums are all-reduced."""
+    def batches(self, task: str, model: nn.Module, dataset: Any) -> Iterable[tuple[dict, Optional[torch.Tensor]]]:
+        """This process's calibration batches of `task` (with a progress bar): the seeded sample,
+        and under DDP its share of whole batches, dealt round robin."""
         settings, fabric = self.settings, self.fabric
         indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
         if settings.num_rows is not None and fabric.world_size > 1:
@@ -204,10 +204,15 @@ class TaskStatistics:
         batches = iter_batches(dataset, mine, self.preprocessor, model, task, batch_size=settings.batch_size,
                                max_length=settings.max_length, mask_padding=settings.mask_padding,
                                padding=settings.padding)
-        batches = tqdm(batches, total=-(-len(mine) // settings.batch_size), desc=f"PAVE covariance [{task}]",
-                       disable=not fabric.is_global_zero)
-        stats = collect_covariance(model, batches, settings.includes, DTYPES[settings.accumulate_dtype],
-                                   settings.num_rows)
+        return tqdm(batches, total=-(-len(mine) // settings.batch_size), desc=f"PAVE covariance [{task}]",
+                    disable=not fabric.is_global_zero)
+
+    def collect(self, task: str, model: nn.Module, dataset: Any) -> CovarianceStats:
+        """Collect the statistics on the CPU; with several processes each takes a shard of the
+        calibration batches and the sums are all-reduced."""
+        settings, fabric = self.settings, self.fabric
+        stats = collect_covariance(model, self.batches(task, model, dataset), settings.includes,
+                                   DTYPES[settings.accumulate_dtype], settings.num_rows)
         if fabric.world_size > 1:
             stats = stats.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
         check_statistics(task, stats, settings)  # after the all-reduce: the same verdict on every rank

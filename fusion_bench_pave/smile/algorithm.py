@@ -12,7 +12,6 @@ from fusion_bench import BaseAlgorithm
 from fusion_bench.mixins import LightningFabricMixin, auto_register_config
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.dtype import parse_dtype
-from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -20,6 +19,7 @@ from fusion_bench_pave.arguments import check_argument_types, constructor_argume
 from fusion_bench_pave.io.atomic import atomic_output_dir, refuse_replacing_dir
 from fusion_bench_pave.io.shared_output import shared_atomic_output_dir, shared_temporary_dir
 from fusion_bench_pave.io.safetensors import LazyTensors
+from fusion_bench_pave.modelpool.checkpoints import safetensors_checkpoint_dir
 from fusion_bench_pave.io.smile import is_smile_checkpoint, load_smile_model, write_smile_files
 from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_causal_lm, upscale_causal_lm_checkpoint
 from fusion_bench_pave.smile.record import RECORD, check_record, record_text, upscaling_record, write_record
@@ -119,27 +119,6 @@ class SmileUpscalingAlgorithm(BaseAlgorithm):
             "dtype": parse_dtype(self.dtype), "svd_method": self.svd_method,
             "layer_rules": "heads kept unless targeted; ranks clamped per layer",
         }
-
-
-def safetensors_checkpoint_dir(modelpool: BaseModelPool, name: str) -> Path | None:
-    """Local directory with the pool entry's safetensors weights, or None if it has none.
-
-    A hub id is resolved to its snapshot in the Hugging Face cache (downloading weights, configs
-    and tokenizer files if needed, as ``from_pretrained`` would), so hub models stream too.
-    """
-    try:
-        path = modelpool.get_model_path(name)
-    except (ValueError, RuntimeError, KeyError):
-        return None
-    if not isinstance(path, (str, Path)):
-        return None
-    if not Path(path).is_dir():
-        try:
-            path = snapshot_download(str(path), allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"])
-        except Exception as error:  # not a hub id, offline without a cached copy, gated, ...
-            log.warning("cannot resolve %s (%s) to a safetensors checkpoint: %s", name, path, error)
-            return None
-    return Path(path) if any(Path(path).glob("*.safetensors")) else None
 
 
 @auto_register_config

@@ -1,0 +1,178 @@
+"""PAVE on causal-LM checkpoints, one decoder layer at a time, then a streamed merge.
+
+Each task's statistics are collected layer by layer (``causal_lm_statistics``); as soon as a decoder
+layer's statistics are in, its Linear weights are purified by the pure functions
+(``purification.iter_purified``) and written into a scratch checkpoint of that task, and both are
+released. The merge then streams the fine-tuned checkpoints with the purified weights laid over them
+(``merging.views.Overlay``), so every merger of ``merging.stream`` runs unchanged.
+
+Allocation: ``uniform`` ranks depend on one layer of one model, so the tasks are purified one after
+another and memory holds one decoder layer of one model (plus its statistics and the calibration
+tokens' hidden states); ``per_layer`` needs every model's spectrum of a layer, so the tasks' layer-by-
+layer collections advance in lockstep (one decoder layer of each model); ``per_model`` needs every
+layer's spectrum before any purification and is not offered here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PretrainedConfig
+
+from fusion_bench_pave.causal_lm_skeleton import meta_causal_lm, stored_names
+from fusion_bench_pave.io.atomic import refuse_replacing_dir
+from fusion_bench_pave.io.safetensors import LazyTensors, ShardWriter
+from fusion_bench_pave.merging.checkpoint_merge import merge_plan, open_causal_lm_checkpoints, write_merged_checkpoint
+from fusion_bench_pave.merging.dare import task_generator_states
+from fusion_bench_pave.merging.stream import Dare, TaskArithmetic, TaskVectorStream, Ties, plan_draws, tensor_spec
+from fusion_bench_pave.merging.views import DaredWeights, Overlay
+from fusion_bench_pave.pave.causal_lm_statistics import iter_causal_lm_covariance
+from fusion_bench_pave.pave.covariance import CovarianceStats, LinearFilter
+from fusion_bench_pave.pave.purification import PurifySettings, iter_purified, purifiable_layers
+
+Batches = Iterable[tuple[dict, Optional[Tensor]]]
+StatisticsCheck = Callable[[str, CovarianceStats], None]  # (task, one layer's statistics) -> raise if unusable
+STREAMED_ALLOCATIONS = ("uniform", "per_layer")
+
+
+@dataclass(frozen=True)
+class StreamedCollection:
+    """How the statistics are collected (``iter_causal_lm_covariance``'s arguments): which Linears,
+    accumulation dtype, the official first-N-rows cap, the weights' dtype (None: as stored) and device."""
+
+    include: Optional[LinearFilter] = None
+    dtype: torch.dtype = torch.float64
+    max_rows: Optional[int] = None
+    model_dtype: Optional[torch.dtype] = None
+    device: str = "cpu"
+
+
+@dataclass
+class PurifiedCheckpoints:
+    """Each purified task's purified Linear weights (a scratch checkpoint; weights kept at full rank
+    are not in it), kept ranks {task: {layer: r}} and full ranks {layer: R}."""
+
+    weights: dict[str, LazyTensors]
+    ranks: dict[str, dict[str, int]]
+    full_ranks: dict[str, int]
+
+
+def check_streamed_allocation(settings: PurifySettings) -> None:
+    if settings.allocation not in STREAMED_ALLOCATIONS:
+        raise ValueError(f"allocation={settings.allocation!r}: the streamed PAVE offers {list(STREAMED_ALLOCATIONS)} "
+                         "(per_model needs every layer's spectrum before purifying any; use the in-memory PAVE)")
+
+
+def purify_causal_lm_checkpoints(
+    config: PretrainedConfig,
+    checkpoints: Mapping[str, str | os.PathLike],
+    weights: Mapping[str, Mapping[str, Tensor]],
+    batches: Mapping[str, Batches],
+    settings: PurifySettings,
+    scratch: str | os.PathLike,
+    collection: StreamedCollection = StreamedCollection(),
+    check: Optional[StatisticsCheck] = None,
+    max_shard_bytes: int = 2 * 2**30,
+    progress: bool = True,
+) -> PurifiedCheckpoints:
+    """Purify the Linear weights of each task of ``batches``: statistics from ``checkpoints[task]`` on
+    ``batches[task]``, purified tensors read from ``weights[task]`` (the checkpoint, or its DARE'd view),
+    written under ``scratch/<task>``."""
+    check_streamed_allocation(settings)
+    tasks = list(batches)
+    model = meta_causal_lm(config)
+    head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    include = collection.include or (lambda name, module: True)
+    steps = config.num_hidden_layers + int(include(head_name, head))
+    groups = [[task] for task in tasks] if settings.allocation == "uniform" else [tasks]
+    result = PurifiedCheckpoints({}, {task: {} for task in tasks}, {})
+    for group in groups:
+        names = {task: stored_names(model, weights[task], f"task '{task}'") for task in group}
+        writers = {task: ShardWriter(Path(scratch) / task, max_shard_bytes) for task in group}
+        for writer in writers.values():
+            writer.out_dir.mkdir(parents=True)
+        streams = [iter_causal_lm_covariance(checkpoints[task], batches[task], include=collection.include,
+                                             dtype=collection.dtype, max_rows=collection.max_rows,
+                                             model_dtype=collection.model_dtype, device=collection.device, progress=False)
+                   for task in group]
+        bar = tqdm(zip(*streams), total=steps, desc=f"PAVE layer by layer [{', '.join(group)}]", disable=not progress,
+                   dynamic_ncols=True)
+        for parts in bar:
+            stats = {task: part for task, (_, part) in zip(group, parts)}
+            for task in group if check is not None else ():
+                check(task, stats[task])
+            layers = purifiable_layers(stats)
+            layer_weights = {task: {layer: weights[task][names[task][f"{layer}.weight"]] for layer in layers} for task in group}
+            for purified in iter_purified(layer_weights, stats, settings):
+                for task, weight in purified.weights.items():
+                    result.ranks[task][purified.layer] = purified.ranks[task]
+                    if purified.ranks[task] < purified.full_rank:
+                        writers[task].add(names[task][f"{purified.layer}.weight"], weight)
+                result.full_ranks[purified.layer] = purified.full_rank
+        for task, writer in writers.items():
+            writer.close()
+            result.weights[task] = LazyTensors(writer.out_dir)
+    return result
+
+
+def pave_merge_causal_lm_checkpoints(
+    pretrained_path: str | os.PathLike,
+    finetuned_paths: Mapping[str, str | os.PathLike],
+    out_path: str | os.PathLike,
+    method: TaskArithmetic | Ties,
+    batches: Mapping[str, Batches],
+    settings: PurifySettings,
+    *,
+    collection: StreamedCollection = StreamedCollection(),
+    check: Optional[StatisticsCheck] = None,
+    dare: Optional[Dare] = None,
+    merge_dare: Optional[Dare] = None,
+    scratch_dir: Optional[str | os.PathLike] = None,
+    max_shard_bytes: int = 2 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PurifiedCheckpoints:
+    """PAVE + ``method`` over checkpoints: the tasks of ``batches`` (a subset of ``finetuned_paths``,
+    {task: checkpoint}) are purified on their calibration batches, the others keep their plain task
+    vectors; the merge goes to ``out_path`` (atomic, sharded, loadable by ``AutoModelForCausalLM``;
+    refused if it exists unless ``overwrite``). ``dare``: DARE on the raw deltas before purification,
+    as PAVE's ``dare`` key; ``merge_dare``: DARE on the purified task vectors, as a DARE merger after
+    PAVE. Names, shapes and dtypes of every checkpoint are checked (headers only) before any work.
+    Returns the kept and full ranks; the scratch checkpoints (in a temporary directory under
+    ``scratch_dir``) are removed."""
+    refuse_replacing_dir(out_path, overwrite)
+    check_streamed_allocation(settings)
+    tasks = list(finetuned_paths)
+    if unknown := [task for task in batches if task not in finetuned_paths]:
+        raise ValueError(f"calibration batches for {unknown}, which are not fine-tuned models of {tasks}")
+    if dare is not None and merge_dare is not None:
+        raise ValueError("DARE before purification and DARE in the merger at once is not supported; choose one")
+    config, pretrained, finetuned = open_causal_lm_checkpoints(pretrained_path, list(finetuned_paths.values()))
+    plan = merge_plan(meta_causal_lm(config), pretrained, dare or merge_dare)
+    labels = [f"task '{task}' ({path})" for task, path in finetuned_paths.items()]
+    TaskVectorStream(pretrained, finetuned, plan, labels=labels)  # checks every header before any work
+    sources: Sequence[Mapping[str, Tensor]] = finetuned
+    if dare is not None:
+        specs = {name: tensor_spec(pretrained, name) for name in plan.order}
+        states = task_generator_states(plan_draws(plan, specs), dare.seed, len(tasks))
+        sources = [DaredWeights(pretrained, tensors, plan, dare, state) for tensors, state in zip(finetuned, states)]
+    with tempfile.TemporaryDirectory(prefix="pave-purified-", dir=scratch_dir) as scratch:
+        purified = purify_causal_lm_checkpoints(
+            config, {task: finetuned_paths[task] for task in batches}, dict(zip(tasks, sources)), batches, settings,
+            scratch, collection, check, max_shard_bytes, progress)
+        views = [Overlay(purified.weights[task], source) if task in batches else source for task, source in zip(tasks, sources)]
+        stream = TaskVectorStream(pretrained, views, plan, merge_dare, labels=labels)
+        write_merged_checkpoint(pretrained_path, stream, method, out_path, max_shard_bytes=max_shard_bytes,
+                                overwrite=overwrite, progress=progress)
+        for weights in purified.weights.values():
+            weights.close()
+    return purified
