@@ -8,7 +8,8 @@ Linears of a Hugging Face model), reading the query, key and value (one tensor i
 and ``<mha>.out_proj`` reads the attention output. `attention_hooks` captures both inputs exactly:
 a forward pre-hook hands query/key/value to the in_proj layers' hooks, and the MHA runs with an
 identity out_proj (z I^T + 0 = z, exactly) whose result z goes through the real ``out_proj`` module,
-so its own Linear hook fires on z and the MHA returns out_proj(z) as its slow path computes it.
+so its own Linear hook fires on z and the MHA returns out_proj(z) as its slow path computes it (the
+fused fast path, which MHA takes in eval mode without gradients, rounds differently in float32).
 Inputs of an MHA that is not batch_first are handed over batch first, so token masks line up.
 """
 
@@ -72,7 +73,7 @@ class _Restore:
 
 def route_out_proj(mha: nn.MultiheadAttention) -> _Restore:
     """Make `mha` call its ``out_proj`` module on the attention output (so Linear hooks on it fire)
-    until the returned handle is removed; its output is unchanged up to the fused fast path's rounding."""
+    until the returned handle is removed; its output is the slow path's (module docstring)."""
     attend = mha.forward
     out_proj = mha.out_proj
     identity = nn.Linear(mha.embed_dim, mha.embed_dim, device=out_proj.weight.device, dtype=out_proj.weight.dtype)

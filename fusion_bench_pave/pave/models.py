@@ -7,7 +7,7 @@ import copy
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from fusion_bench.method.dare.utils import param_random_drop_
@@ -54,7 +54,7 @@ class LinearWeights(Mapping[str, Tensor]):
 
 
 def check_purifiable(
-    model: nn.Module, includes: Callable[[str, nn.Module], bool], patterns: list[str], attention: bool = False
+    model: nn.Module, includes: Callable[[str, Optional[nn.Module]], bool], patterns: list[str], attention: bool = False
 ) -> dict[str, str]:
     """ValueError unless `model` has a linear layer that `includes` leaves to purify: a run that
     purifies nothing would report the merger's result as PAVE's. Returns, and warns about, the other
@@ -75,7 +75,8 @@ def check_purifiable(
     handled = set(linears.modules) | (set(attention_modules(model)) if attention else set())
     others = {name: kind for name, kind in unhandled_weight_modules(model, lambda m: False).items() if name not in handled}
     if others:
-        hint = "" if attention else " (purify_attention=true purifies nn.MultiheadAttention's in_proj and out_proj)"
+        mha = not attention and any(kind == "MultiheadAttention" for kind in others.values())
+        hint = " (purify_attention=true purifies nn.MultiheadAttention's in_proj and out_proj)" if mha else ""
         log.warning(
             "PAVE purifies nn.Linear and transformers Conv1D weights only; the task vectors of these "
             f"modules go to the merger unpurified{hint}: {type_summary(others)}"
