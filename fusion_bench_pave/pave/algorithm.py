@@ -24,6 +24,7 @@ from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from fusion_bench.utils.instantiate_utils import instantiate
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
+from fusion_bench_pave.linear_layers import type_summary
 from fusion_bench_pave.pave.calibration import require_calibration_data
 from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_task_names
 from fusion_bench_pave.pave.covariance import CovarianceStats
@@ -68,6 +69,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         calibration_split: Literal["train", "validation", "test"] = COLLECT.split,
         calibration_padding: Literal["longest", "max_length"] = COLLECT.padding,
         purify_tasks: Optional[list[str]] = None,
+        purify_attention: bool = COLLECT.attention,
         dare: Optional[DictConfig] = None,
         seed: int = COLLECT.seed,
         cache_dir: Optional[str] = None,
@@ -104,6 +106,11 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             purify_tasks: optional list of the tasks to purify (the official GLUE EMR purifies
                 sst2, qqp and mnli); the others keep their plain task vectors, need no calibration
                 data and take no part in the rank allocation. None purifies every task.
+            purify_attention: also purify nn.MultiheadAttention (open_clip's ViTs): its packed q/k/v
+                weight as three layers '<mha>.in_proj_q|k|v' from the MHA's input covariance, and
+                its out_proj from the attention output's (attention_layers). False (the official
+                ViT protocol: MLP only) leaves them plain task vectors, named in a warning and in
+                the report's `unpurified`.
             dare: optional {sparsity_ratio, rescale, only_on_linear_weights}: DARE drop+rescale of
                 the raw deltas before purification (seeded with `seed`).
             seed: seed of calibration sampling and DARE.
@@ -155,14 +162,15 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         pretrained = fresh(modelpool.load_pretrained_model())
         check_taskpool_fits(self._program, modelpool, pretrained)
         collection = self.collection(pretrained)
-        check_purifiable(pretrained, collection.includes, list(collection.exclude))
+        unpurified = check_purifiable(pretrained, collection.includes, list(collection.exclude), self.purify_attention)
         for task in purified if stored is None else ():
             require_calibration_data(modelpool, task, self.calibration_datasets, self.calibration_split)
         statistics = stored or TaskStatistics(modelpool, collection, self.fabric, cache, self.calibration_datasets)
         finetuned = {name: fresh(modelpool.load_model(name)) for name in modelpool.model_names}
         check_compatible(pretrained, finetuned)
         if stored is not None:  # marked, so that a nested merger reading them accepts the purified copies
-            stored.check({name: finetuned[name] for name in purified}, collection.includes, mark=True)
+            stored.check({name: finetuned[name] for name in purified}, collection.includes, mark=True,
+                         attention=self.purify_attention)
 
         start = time.perf_counter()
         with CovarianceOffload(self.covariance_offload, len(purified)) as offload:
@@ -179,7 +187,8 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
 
         merged = self.merge(modelpool, pretrained, finetuned)
         settings = {"rho": self.rho, "allocation": self.allocation, "calibration_split": self.calibration_split,
-                    "test_leakage": self.calibration_split == "test", "purified_tasks": purified}
+                    "test_leakage": self.calibration_split == "test", "purified_tasks": purified,
+                    "unpurified": type_summary(unpurified)}
         self.extras = run_extras(settings, times, statistics.hits, offload.on_disk, ranks, full_ranks)
         if self.log_dir is not None and self.fabric.is_global_zero:
             write_extras(self.log_dir, self.extras)
@@ -200,7 +209,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
                 f"none of the Linears that exclude_modules={self.exclude_modules} leaves to purify ran "
                 "a forward pass during calibration in every model, so PAVE would purify nothing."
             )
-        weights = {task: LinearWeights(model) for task, model in finetuned.items()}
+        weights = {task: LinearWeights(model, self.purify_attention) for task, model in finetuned.items()}
         show = self.fabric.is_global_zero
         _, ranks, full_ranks = purify(
             weights, stats, self.purification,

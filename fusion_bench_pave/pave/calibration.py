@@ -1,6 +1,7 @@
 """Turn a task's calibration split (train by default) into model inputs for covariance collection.
 
-Image datasets (column `image`) go through the pool's CLIP processor; text datasets (one text column,
+Image datasets (column `image`) go through the pool's CLIP processor (an open_clip pool's per-image
+transform: `ImageTransform`, and the model takes the pixels positionally); text datasets (one text column,
 or a GLUE sentence pair: fusion_bench_pave.text_columns) through its tokenizer, with the attention mask
 as the token mask. Encoder-decoder models also get decoder inputs (the input text shifted right),
 masked with the same attention mask, which covers only real tokens of the shifted sequence.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import datasets
@@ -25,6 +27,21 @@ from fusion_bench_pave.text_columns import TEXT_COLUMNS, TEXT_PAIRS, text_column
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img")
+
+
+class ImageTransform:
+    """A per-image transform (open_clip's preprocess, a torchvision Compose) used as a batch image
+    processor; models fed by it (open_clip encoders) take the pixels as their first argument."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, images: Sequence[Any], return_tensors: str = "pt") -> dict[str, Tensor]:
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+    def to_dict(self) -> dict[str, str]:
+        """The transform's description for the cache key (without the addresses of plain functions)."""
+        return {"transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.transform))}
 
 
 def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> list[int]:
@@ -138,8 +155,8 @@ def iter_batches(
         rows = dataset.select(indices[start : start + batch_size])
         if kind == "image":
             images = [image.convert("RGB") for image in rows[columns[0]]]
-            pixels = preprocessor(images=images, return_tensors="pt")["pixel_values"]
-            yield {"pixel_values": pixels.to(device=device, dtype=dtype)}, None
+            pixels = preprocessor(images=images, return_tensors="pt")["pixel_values"].to(device=device, dtype=dtype)
+            yield ((pixels,) if isinstance(preprocessor, ImageTransform) else {"pixel_values": pixels}), None
             continue
         encoded = preprocessor(
             *(list(rows[c]) for c in columns), padding=padding, truncation=True, max_length=max_length,
@@ -218,9 +235,13 @@ def warn_test_leakage(task: str, split: str, source: str) -> None:
 
 
 def load_preprocessor(modelpool: Any) -> Any:
-    """The pool's image processor or tokenizer (pad token defaulting to EOS)."""
+    """The pool's image processor or tokenizer (pad token defaulting to EOS); for FusionBench's
+    OpenCLIPVisionModelPool, its test_processor (the encoder's val_preprocess: deterministic, where
+    train_preprocess augments at random) as an `ImageTransform`."""
     if getattr(modelpool, "_processor", None) is not None and hasattr(modelpool, "load_processor"):
         return modelpool.load_processor()
+    if isinstance(getattr(type(modelpool), "test_processor", None), property):
+        return ImageTransform(modelpool.test_processor)
     config = getattr(modelpool, "_tokenizer", None)
     if isinstance(config, str):
         tokenizer = AutoTokenizer.from_pretrained(config)

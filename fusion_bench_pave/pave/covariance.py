@@ -15,6 +15,10 @@ first token, which is a real token with right padding) and inputs shared by the 
 ([1, n, d]: DeBERTa's relative-position embeddings; with a batch of one, which cannot tell them from
 tokens, only if it has no padding, as under dynamic padding). Any other shape is an error naming the
 Linear.
+
+With `attention`, the inputs of nn.MultiheadAttention's packed q/k/v projections and of its out_proj
+are collected too (attention_layers: layers '<mha>.in_proj_q|k|v' and '<mha>.out_proj'); without it,
+out_proj (which MHA never calls) is not hooked.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from fusion_bench_pave.attention_layers import IN_PROJ, attention_hooks, attention_modules, out_proj_names
 from fusion_bench_pave.linear_layers import is_linear
 
 LinearFilter = Callable[[str, nn.Module], bool]
@@ -99,8 +104,10 @@ class CovarianceCollector:
         include: Optional[LinearFilter] = None,
         dtype: torch.dtype = torch.float64,
         max_rows: Optional[int] = None,
+        attention: bool = False,
     ):
         self.model = model
+        self.attention = attention
         self.include = include or (lambda name, module: True)
         self.dtype = dtype
         self.max_rows = max_rows
@@ -112,9 +119,14 @@ class CovarianceCollector:
         self._handles: list = []
 
     def __enter__(self) -> "CovarianceCollector":
+        out_projs = out_proj_names(self.model)
         for name, module in self.model.named_modules():
-            if is_linear(module) and self.include(name, module):
+            if is_linear(module) and self.include(name, module) and (self.attention or name not in out_projs):
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        for name, mha in attention_modules(self.model).items() if self.attention else ():
+            layers = [f"{name}.in_proj_{part}" for part in IN_PROJ]
+            hooks = {layer: self._make_hook(layer) for layer in layers if self.include(layer, mha)}
+            self._handles += attention_hooks(name, mha, hooks, self.include(f"{name}.out_proj", mha.out_proj))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -213,20 +225,25 @@ class CovarianceCollector:
 @torch.no_grad()
 def collect_covariance(
     model: nn.Module,
-    batches: Iterable[tuple[dict, Optional[Tensor]]],
+    batches: Iterable[tuple[dict | tuple, Optional[Tensor]]],
     include: Optional[LinearFilter] = None,
     dtype: torch.dtype = torch.float64,
     max_rows: Optional[int] = None,
+    attention: bool = False,
 ) -> CovarianceStats:
-    """Run `model(**inputs)` on every (inputs, token_mask) batch and return the input statistics.
-    With `max_rows`, each input keeps its first max_rows rows and the loop stops once all have them."""
+    """Run `model(**inputs)` (`model(*inputs)` for a tuple) on every (inputs, token_mask) batch and
+    return the input statistics. With `max_rows`, each input keeps its first max_rows rows and the
+    loop stops once all have them; with `attention`, nn.MultiheadAttention's too (module docstring)."""
     was_training = model.training
     model.eval()
     try:
-        with CovarianceCollector(model, include, dtype, max_rows) as collector:
+        with CovarianceCollector(model, include, dtype, max_rows, attention) as collector:
             for inputs, mask in batches:
                 collector.set_token_mask(mask)
-                model(**inputs)
+                if isinstance(inputs, tuple):
+                    model(*inputs)
+                else:
+                    model(**inputs)
                 if collector.full:
                     break
     finally:

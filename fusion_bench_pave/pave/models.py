@@ -7,12 +7,13 @@ import copy
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from fusion_bench.method.dare.utils import param_random_drop_
 from torch import Tensor, nn
 
+from fusion_bench_pave.attention_layers import attention_modules, in_proj_rows, out_proj_names
 from fusion_bench_pave.linear_layers import is_linear, linear_weight, set_linear_weight, type_summary, unhandled_weight_modules
 from fusion_bench_pave.tensor_checks import first_nonfinite, first_shape_mismatch
 
@@ -22,47 +23,65 @@ log = logging.getLogger(__name__)
 class LinearWeights(Mapping[str, Tensor]):
     """The current weight [out, in] of each linear layer (nn.Linear, transformers Conv1D, whose
     [in, out] weight is seen transposed) of a model, by module name; read at access time, so a
-    weight written back is what the next read sees and no old tensor is held."""
+    weight written back is what the next read sees and no old tensor is held. nn.MultiheadAttention's
+    layers (attention_layers: '<mha>.in_proj_q|k|v', row blocks of its packed weight, and its
+    out_proj) only with `attention`."""
 
-    def __init__(self, model: nn.Module):
-        self.modules = {name: m for name, m in model.named_modules() if is_linear(m)}
+    def __init__(self, model: nn.Module, attention: bool = False):
+        out_projs = set() if attention else out_proj_names(model)
+        self.modules = {name: m for name, m in model.named_modules() if is_linear(m) and name not in out_projs}
+        self.packed = in_proj_rows(model) if attention else {}
 
     def __getitem__(self, layer: str) -> Tensor:
+        if layer in self.packed:
+            mha, rows = self.packed[layer]
+            return mha.in_proj_weight.data[rows]
         return linear_weight(self.modules[layer])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.modules)
+        return iter([*self.modules, *self.packed])
 
     def __len__(self) -> int:
-        return len(self.modules)
+        return len(self.modules) + len(self.packed)
 
     def write(self, layer: str, weight: Tensor) -> None:
         """Store `weight` [out, in] in the module's own layout."""
-        set_linear_weight(self.modules[layer], weight)
+        if layer in self.packed:
+            mha, rows = self.packed[layer]
+            mha.in_proj_weight.data[rows] = weight
+        else:
+            set_linear_weight(self.modules[layer], weight)
 
 
-def check_purifiable(model: nn.Module, includes: Callable[[str, nn.Module], bool], patterns: list[str]) -> None:
+def check_purifiable(
+    model: nn.Module, includes: Callable[[str, Optional[nn.Module]], bool], patterns: list[str], attention: bool = False
+) -> dict[str, str]:
     """ValueError unless `model` has a linear layer that `includes` leaves to purify: a run that
-    purifies nothing would report the merger's result as PAVE's. Warns about the other modules
-    with a weight matrix (Conv2d, nn.MultiheadAttention, custom layers): their task vectors reach
-    the merger unpurified."""
-    linears = LinearWeights(model).modules
+    purifies nothing would report the merger's result as PAVE's. Returns, and warns about, the other
+    modules with a weight matrix (Conv2d, nn.MultiheadAttention and its out_proj unless `attention`,
+    custom layers): their task vectors reach the merger unpurified."""
+    linears = LinearWeights(model, attention)
     if not linears:
         raise ValueError(
             f"the model ({type(model).__name__}) has no nn.Linear or transformers Conv1D module; PAVE "
             "purifies the weights of those only, so it would purify nothing."
         )
-    if not any(includes(name, module) for name, module in linears.items()):
+    if not any(includes(name, None) for name in linears):
         raise ValueError(
             f"exclude_modules={patterns} excludes all {len(linears)} linear layers of the model, so "
             "PAVE would purify nothing; narrow the patterns (null excludes only the heads, [] purifies "
             "every Linear)."
         )
-    if others := unhandled_weight_modules(model):
+    handled = set(linears.modules) | (set(attention_modules(model)) if attention else set())
+    others = {name: kind for name, kind in unhandled_weight_modules(model, lambda m: False).items() if name not in handled}
+    if others:
+        mha = not attention and any(kind == "MultiheadAttention" for kind in others.values())
+        hint = " (purify_attention=true purifies nn.MultiheadAttention's in_proj and out_proj)" if mha else ""
         log.warning(
             "PAVE purifies nn.Linear and transformers Conv1D weights only; the task vectors of these "
-            f"modules go to the merger unpurified: {type_summary(others)}"
+            f"modules go to the merger unpurified{hint}: {type_summary(others)}"
         )
+    return others
 
 
 def check_compatible(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench_pave.io.fingerprint import fingerprint_state_dict
+from fusion_bench_pave.attention_layers import attention_layer_names, attention_modules
 from fusion_bench_pave.io.statistics import load_task_from_dir, read_statistics_index
 from fusion_bench_pave.linear_layers import is_linear
 from fusion_bench_pave.pave.cache import CovarianceCache, open_cache
@@ -54,6 +55,7 @@ class CollectionSettings:
     exclude: tuple[str, ...] = ()
     split: Literal["train", "validation", "test"] = "train"
     padding: Literal["longest", "max_length"] = "longest"
+    attention: bool = False
 
     def includes(self, name: str, module: nn.Module) -> bool:
         """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
@@ -77,7 +79,7 @@ class CollectionKeys:
             num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
             max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
             seed=self.seed, exclude=tuple(self.excluded_patterns(model)), split=self.calibration_split,
-            padding=self.calibration_padding)
+            padding=self.calibration_padding, attention=self.purify_attention)
 
 
 def open_run_cache(cache_dir: Optional[str], fabric: Any) -> Optional[CovarianceCache]:
@@ -154,6 +156,7 @@ class TaskStatistics:
             "exclude": list(s.exclude),
             "split": s.split,
             "padding": s.padding,
+            **({"attention": True} if s.attention else {}),  # absent when off: earlier keys stay valid
         }
 
     def cache_parts(self, task: str, model: nn.Module, dataset: Any) -> Optional[dict[str, Any]]:
@@ -212,7 +215,7 @@ class TaskStatistics:
         calibration batches and the sums are all-reduced."""
         settings, fabric = self.settings, self.fabric
         stats = collect_covariance(model, self.batches(task, model, dataset), settings.includes,
-                                   DTYPES[settings.accumulate_dtype], settings.num_rows)
+                                   DTYPES[settings.accumulate_dtype], settings.num_rows, settings.attention)
         if fabric.world_size > 1:
             stats = stats.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
         check_statistics(task, stats, settings)  # after the all-reduce: the same verdict on every rank
@@ -227,6 +230,7 @@ class StoredStatistics:
     def __init__(self, directory: str, tasks: list[str]):
         self.directory = directory
         self.includes: Callable[[str, Optional[nn.Module]], bool] = lambda name, module: True
+        self.attention = True  # keep nn.MultiheadAttention's statistics (until `check` says otherwise)
         self.index = read_statistics_index(directory)
         self.hits: list[str] = []  # none come from the covariance cache
         if missing := [task for task in tasks if task not in self.index]:
@@ -236,12 +240,13 @@ class StoredStatistics:
             )
 
     def check(self, models: Mapping[str, nn.Module], includes: Callable[[str, Optional[nn.Module]], bool],
-              mark: bool = False) -> None:
+              mark: bool = False, attention: bool = False) -> None:
         """ValueError naming the task and the mismatch if a model is not the one its statistics were
-        collected on (or, marked with STATISTICS_OF, a copy of it), or a Linear that `includes`
-        selects was excluded from them; later reads keep only those Linears. With `mark` (a caller's
-        own copies), each model is then marked with STATISTICS_OF."""
-        self.includes = includes
+        collected on (or, marked with STATISTICS_OF, a copy of it), a Linear that `includes`
+        selects was excluded from them, or `attention` asks for nn.MultiheadAttention's inputs they
+        lack; later reads keep only those Linears. With `mark` (a caller's own copies), each model
+        is then marked with STATISTICS_OF."""
+        self.includes, self.attention = includes, attention
         for task, model in models.items():
             entry = self.index[task]
             fingerprint = getattr(model, STATISTICS_OF, None) or fingerprint_state_dict(model.state_dict())
@@ -250,6 +255,11 @@ class StoredStatistics:
                     f"task '{task}': the statistics in {self.directory} were collected on another model "
                     f"(fingerprint {entry['model']}, this model's is {fingerprint}); recompute them for "
                     "this pool with method=pave_statistics"
+                )
+            if attention and not entry.get("attention", False) and attention_modules(model):
+                raise ValueError(
+                    f"task '{task}': purify_attention=true needs the inputs of nn.MultiheadAttention, which "
+                    f"{self.directory} lacks; recompute the statistics with method.purify_attention=true"
                 )
             recorded = CollectionSettings(exclude=tuple(entry["exclude"]))
             for name, module in model.named_modules():
@@ -264,5 +274,7 @@ class StoredStatistics:
 
     def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
         stats = load_task_from_dir(self.directory, task, self.index[task])
-        stats.input_of = {layer: key for layer, key in stats.input_of.items() if self.includes(layer, None)}
+        dropped = set() if self.attention else attention_layer_names(model)
+        stats.input_of = {layer: key for layer, key in stats.input_of.items()
+                          if self.includes(layer, None) and layer not in dropped}
         return stats
