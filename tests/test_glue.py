@@ -1,6 +1,6 @@
 """The GLUE protocol: metrics against scikit-learn / SciPy, the per-task-head task pool against an
-independent evaluation, and `fusion_bench method=pave_ta` end to end on an offline replica of the
-RoBERTa-base GLUE pool (reference/tiny_glue.py)."""
+independent evaluation, and `fusion_bench method=pave_ta` end to end on offline replicas of the
+RoBERTa-base and GPT-2 GLUE pools (reference/tiny_glue.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import fusion_bench_pave.plugin  # noqa: F401  (compat repair before fusion_benc
 from fusion_bench_pave.taskpool import ClassificationHeadsTaskPool
 from fusion_bench_pave.taskpool.glue import load_glue
 from fusion_bench_pave.taskpool.metrics import accuracy, matthews_correlation, pearson, spearman
-from reference.tiny_glue import GLUE, build_roberta_glue, glue_split, roberta_tokenizer
+from reference.tiny_glue import (GLUE, GPT2_GLUE, GPT2_TOKEN, build_gpt2_glue, build_roberta_glue, glue_split, gpt2_tokenizer,
+                                 roberta_tokenizer)
 
 METRICS = {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"]}
 
@@ -62,9 +63,9 @@ def eval_split(task: str) -> str:
     return GLUE[task][2]
 
 
-def independent_scores(classifier, dataset) -> dict[str, float]:
+def independent_scores(classifier, dataset, tokenizer=None) -> dict[str, float]:
     """The classifier's GLUE metrics on ``dataset`` in one padded batch, with scikit-learn / SciPy."""
-    tokenizer = roberta_tokenizer()
+    tokenizer = tokenizer or roberta_tokenizer()
     columns = [c for c in dataset.column_names if c not in ("label", "idx")]
     encoded = tokenizer(*(list(dataset[c]) for c in columns), padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -77,16 +78,16 @@ def independent_scores(classifier, dataset) -> dict[str, float]:
             "matthews_correlation": matthews_corrcoef(labels, predictions)}
 
 
-def assert_report_matches(report: dict, replica: dict[str, Path], body) -> None:
+def assert_report_matches(report: dict, replica: dict[str, Path], body, tasks=GLUE, tokenizer=None) -> None:
     """Each task's reported metrics equal those of its fine-tuned classifier with ``body`` put in
     place of its own (module swap, not the task pool's weight copy)."""
     from transformers import AutoModelForSequenceClassification
 
     scores = []
-    for task in GLUE:
+    for task in tasks:
         classifier = AutoModelForSequenceClassification.from_pretrained(replica["finetuned"] / task)
-        classifier.roberta = body
-        expected = independent_scores(classifier, load_glue(str(replica["glue"]), task, eval_split(task)))
+        setattr(classifier, classifier.base_model_prefix, body)
+        expected = independent_scores(classifier, load_glue(str(replica["glue"]), task, eval_split(task)), tokenizer)
         reported = report[f"glue-{task}"]
         names = METRICS.get(f"glue-{task}", ["accuracy"])
         assert set(reported) == {*names, "score"}
@@ -161,3 +162,29 @@ def test_cli_pave_on_the_roberta_glue_replica_reports_each_heads_metrics(replica
     pave = json.loads((log_dir / "pave_report.json").read_text())
     assert set(pave["ranks"]) == {f"glue-{t}" for t in GLUE} and all(r < 1 for r in pave["kept_ratio"].values())
     assert_report_matches(report, replica, body(merged_dir))
+
+
+@pytest.mark.slow
+def test_cli_pave_on_the_gpt2_glue_replica_purifies_conv1d_and_scores_each_tasks_head(tmp_path):
+    """modelpool/taskpool=gpt-2_glue_heads: GPT2Model bodies merged (their Conv1D layers purified), each
+    task scored with its own GPT2ForSequenceClassification `score` head on the last non-padding token."""
+    from transformers import GPT2Model
+
+    replica = build_gpt2_glue(tmp_path / "gpt2-glue")
+    log_dir, merged_dir = tmp_path / "logs", tmp_path / "merged"
+    run_fusion_bench([
+        "method=pave_ta", "modelpool=gpt-2_glue_heads", "taskpool=gpt-2_glue_heads",
+        f"modelpool.pretrained_model_name_or_path={replica['pretrained']}",
+        f"modelpool.finetuned_prefix={replica['finetuned']}/", f"modelpool.glue={replica['glue']}",
+        "method.num_samples=16", "method.rho=0.75", "method.cache_dir=null",
+        f"path.log_dir={log_dir}", f"merged_model_save_path={merged_dir}",
+    ], cwd=tmp_path)
+    report = json.loads((log_dir / "program_report.json").read_text())
+    pave = json.loads((log_dir / "pave_report.json").read_text())
+    conv1d = {f"h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(pave["full_ranks"]) == conv1d  # every Conv1D of the body, nothing else (no `score`: bodies)
+    assert set(pave["ranks"]) == {f"glue-{t}" for t in GPT2_GLUE} and all(r < 1 for r in pave["kept_ratio"].values())
+    merged = GPT2Model.from_pretrained(merged_dir).eval()
+    tokenizer = gpt2_tokenizer()
+    tokenizer.pad_token = GPT2_TOKEN  # as the pool's tokenizer config sets it
+    assert_report_matches(report, replica, merged, GPT2_GLUE, tokenizer)
