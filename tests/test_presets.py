@@ -42,8 +42,64 @@ def _pretrained(models) -> str:
 ZOO_PRESETS = {"pave_ties_zoo_minilm": (PAVE, "zoo_minilm")}
 
 
+TA, TIES = "fusion_bench.method.TaskArithmeticAlgorithm", "fusion_bench.method.TiesMergingAlgorithm"
+GLUE_SUBSET = ["glue-sst2", "glue-qqp", "glue-mnli"]  # official GLUE EMR: ids [2, 5, 6]
+# method part of a GLUE preset -> (merger _target_, PAVE settings): the official GLUE/README.md commands
+GLUE_METHODS = {
+    "ta": (TA, {"rho": 31 / 32, "merger.scaling_factor": 0.3, "purify_tasks": None, "dare": None}),
+    "ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.9, "merger.threshold": 20, "dare": None}),
+    "dare_ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.5, "dare.sparsity_ratio": 0.5, "dare.rescale": True}),
+    "emr": (EMR, {"rho": 7 / 8, "purify_tasks": GLUE_SUBSET}),
+    "emr_all_tasks": (EMR, {"rho": 7 / 8, "purify_tasks": None}),
+}
+# the official GLUE calibration (config/pave_glue/official.yaml) every GLUE preset runs
+GLUE_CALIBRATION = {"allocation": "per_model", "calibration_split": "train", "num_rows": 4096, "num_samples": 512,
+                    "mask_padding": False, "calibration_padding": "longest", "batch_size": 64, "max_length": 128,
+                    "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling"}
+# family -> (pretrained model, fine-tuned task names, task pool's metrics)
+GLUE_FAMILIES = {
+    "roberta-base_glue": ("FacebookAI/roberta-base", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"],
+                          {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"]}),
+    "gpt-2_glue": ("gpt2", ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"], {"glue-cola": ["matthews_correlation"]}),
+}
+GLUE_PRESETS = {
+    f"pave_{method.replace('_all_tasks', '')}_{family}{'_all_tasks' if method.endswith('_all_tasks') else ''}": (family, method)
+    for family in GLUE_FAMILIES for method in GLUE_METHODS
+}
+
+
 def test_every_preset_file_is_covered():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS])
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS, *GLUE_PRESETS])
+
+
+def _setting(node, dotted: str):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("preset", sorted(GLUE_PRESETS))
+def test_glue_preset_composes_to_the_official_procedure(preset):
+    family, method = GLUE_PRESETS[preset]
+    merger, settings = GLUE_METHODS[method]
+    pretrained, tasks, metrics = GLUE_FAMILIES[family]
+    cfg = compose_fusion_bench([f"+preset={preset}"])
+    assert cfg.method._target_ == PAVE and cfg.method.merger._target_ == merger
+    for key, value in {**GLUE_CALIBRATION, **settings}.items():
+        actual = _setting(cfg.method, key)
+        assert (actual == pytest.approx(value) if isinstance(value, float) else actual == value), key
+    assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.SequenceClassificationModelPool"
+    assert cfg.modelpool.pretrained_model_name_or_path == pretrained
+    assert [m for m in cfg.modelpool.models if m != "_pretrained_"] == [f"glue-{t}" for t in tasks]
+    assert list(cfg.modelpool.train_datasets) == [f"glue-{t}" for t in tasks]  # calibration: train splits
+    assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.ClassificationHeadsTaskPool"
+    assert list(cfg.taskpool.test_datasets) == [f"glue-{t}" for t in tasks]
+    assert cfg.taskpool.metrics == metrics
+    comment = " ".join(line.lstrip("#").strip() for line in (PRESET_DIR / f"{preset}.yaml").read_text().splitlines()
+                       if line.startswith("#"))
+    assert f"fusion_bench +preset={preset}" in comment  # the usage line names the preset itself
+    figure = "84.28" if preset == "pave_emr_roberta-base_glue" else "not available to us"
+    assert f"Paper's average: {figure}" in comment  # never a figure our notes do not give
 
 
 def test_zoo_demo_preset_composes_without_building_the_zoo(tiny_cache):
