@@ -148,18 +148,24 @@ def test_bad_task_pool_settings_fail_at_construction_or_before_scoring(replica):
 
 
 # ------------------------------------------------------------ the CLI, end to end
-@pytest.mark.slow
-def test_cli_pave_on_the_roberta_glue_replica_reports_each_heads_metrics(replica, tmp_path):
+def run_pave_ta(pools: str, replica: dict[str, Path], tmp_path: Path) -> tuple[dict, dict, Path]:
+    """``fusion_bench method=pave_ta modelpool=<pools> taskpool=<pools>`` on ``replica`` (rho 0.75, the
+    merged body saved): the program report, PAVE's report and the merged body's directory."""
     log_dir, merged_dir = tmp_path / "logs", tmp_path / "merged"
     run_fusion_bench([
-        "method=pave_ta", "modelpool=roberta-base_glue", "taskpool=roberta-base_glue",
+        "method=pave_ta", f"modelpool={pools}", f"taskpool={pools}",
         f"modelpool.pretrained_model_name_or_path={replica['pretrained']}",
         f"modelpool.finetuned_prefix={replica['finetuned']}/", f"modelpool.glue={replica['glue']}",
         "method.num_samples=16", "method.rho=0.75", "method.cache_dir=null",
         f"path.log_dir={log_dir}", f"merged_model_save_path={merged_dir}",
     ], cwd=tmp_path)
     report = json.loads((log_dir / "program_report.json").read_text())
-    pave = json.loads((log_dir / "pave_report.json").read_text())
+    return report, json.loads((log_dir / "pave_report.json").read_text()), merged_dir
+
+
+@pytest.mark.slow
+def test_cli_pave_on_the_roberta_glue_replica_reports_each_heads_metrics(replica, tmp_path):
+    report, pave, merged_dir = run_pave_ta("roberta-base_glue", replica, tmp_path)
     assert set(pave["ranks"]) == {f"glue-{t}" for t in GLUE} and all(r < 1 for r in pave["kept_ratio"].values())
     assert_report_matches(report, replica, body(merged_dir))
 
@@ -171,16 +177,7 @@ def test_cli_pave_on_the_gpt2_glue_replica_purifies_conv1d_and_scores_each_tasks
     from transformers import GPT2Model
 
     replica = build_gpt2_glue(tmp_path / "gpt2-glue")
-    log_dir, merged_dir = tmp_path / "logs", tmp_path / "merged"
-    run_fusion_bench([
-        "method=pave_ta", "modelpool=gpt-2_glue_heads", "taskpool=gpt-2_glue_heads",
-        f"modelpool.pretrained_model_name_or_path={replica['pretrained']}",
-        f"modelpool.finetuned_prefix={replica['finetuned']}/", f"modelpool.glue={replica['glue']}",
-        "method.num_samples=16", "method.rho=0.75", "method.cache_dir=null",
-        f"path.log_dir={log_dir}", f"merged_model_save_path={merged_dir}",
-    ], cwd=tmp_path)
-    report = json.loads((log_dir / "program_report.json").read_text())
-    pave = json.loads((log_dir / "pave_report.json").read_text())
+    report, pave, merged_dir = run_pave_ta("gpt-2_glue_heads", replica, tmp_path)
     conv1d = {f"h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert set(pave["full_ranks"]) == conv1d  # every Conv1D of the body, nothing else (no `score`: bodies)
     assert set(pave["ranks"]) == {f"glue-{t}" for t in GPT2_GLUE} and all(r < 1 for r in pave["kept_ratio"].values())
