@@ -110,7 +110,7 @@ def run_family(presets: list[str], overrides: list[str], sweep: Path) -> subproc
     exe = Path(sys.executable).with_name("fusion_bench")
     command = [str(exe), "-m", f"+preset={','.join(presets)}", *overrides, f"hydra.sweep.dir={sweep}",
                "print_config=false"]
-    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
     atomic_write_text(sweep.with_suffix(".log"), f"$ {' '.join(command)}\n{proc.stdout}\n{proc.stderr}")
     return proc
 

@@ -101,7 +101,7 @@ def build_gpt2_glue(out: Path, train_rows: int = 24, eval_rows: int = 20) -> dic
     (GPT2ForSequenceClassification with pad_token_id = ``<|endoftext|>``, as a GLUE classifier fine-tuned
     with FusionBench's GPT-2 tokenizer has) and ``glue/<task>/<split>``; returns those three paths."""
     tokenizer = gpt2_tokenizer()
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=WIDTH)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "initializer_range": WIDTH}
     pretrained = gpt2(classifier=True, num_labels=2, **ids).transformer
     pretrained.save_pretrained(out / "pretrained")
     tokenizer.save_pretrained(out / "pretrained")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO_ROOT, child_pythonpath
+from test_presets import GLUE_METHODS, GLUE_PRESETS, GLUE_SUBSET
 
 from benchmarks.paper_tables import NOT_AVAILABLE, PAPERS, family_settings, reproduce_paper
-from conftest import REPO_ROOT, child_pythonpath
 from reference.tiny_glue import GLUE, GPT2_GLUE
-from test_presets import GLUE_METHODS, GLUE_PRESETS, GLUE_SUBSET
 
 RHO = {method: settings["rho"] for method, (_, settings) in GLUE_METHODS.items()}
 TASKS = {"roberta-base_glue": [f"glue-{t}" for t in GLUE], "gpt-2_glue": [f"glue-{t}" for t in GPT2_GLUE]}
@@ -30,7 +30,8 @@ def test_pave_table_runs_every_glue_preset_on_the_replicas(tmp_path):
     assert sorted(presets) == sorted(GLUE_PRESETS)
     env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--paper", "pave", "--replica", "--out", str(out),
-                           "--only", *presets], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--only", *presets], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["preset"] for r in rows] == presets and not [r for r in rows if "error" in r]
