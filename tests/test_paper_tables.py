@@ -109,3 +109,16 @@ def test_settings_apply_to_every_family_or_to_the_one_they_name():
     assert family_settings(settings, "roberta-base_glue") == ["seed=1", "modelpool.finetuned_prefix=/data/rb/"]
     assert family_settings(settings, "gpt-2_glue") == ["seed=1", "method.rho=0.5"]
     assert family_settings(["method.note=a:b"], "gpt-2_glue") == ["method.note=a:b"]  # ':' in a value
+
+
+@pytest.mark.slow
+def test_a_preset_that_fails_is_a_table_row_naming_its_error(tmp_path):
+    """Without --replica the presets load hub ids; offline (as the tests run) the job fails, and its row
+    says where, instead of the table being lost."""
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    summary = reproduce_paper("pave", tmp_path, only=["pave_ta_gpt-2_glue"])
+    [row] = summary["rows"]
+    assert row["error"].startswith("no report: OSError: We couldn't connect to 'https://huggingface.co'")
+    assert "runs/gpt-2_glue/0/cli.log" in row["error"] and "measured" not in row  # the job's own log
+    assert (tmp_path / "runs" / "gpt-2_glue.log").read_text().startswith("$ ")
+    assert f"| failed: {row['error']} |" in (tmp_path / "results.md").read_text()
