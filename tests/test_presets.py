@@ -45,16 +45,18 @@ ZOO_PRESETS = {"pave_ties_zoo_minilm": (PAVE, "zoo_minilm")}
 TA, TIES = "fusion_bench.method.TaskArithmeticAlgorithm", "fusion_bench.method.TiesMergingAlgorithm"
 GLUE_SUBSET = ["glue-sst2", "glue-qqp", "glue-mnli"]  # official GLUE EMR: ids [2, 5, 6]
 # method part of a GLUE preset -> (merger _target_, PAVE settings): the official GLUE/README.md commands
+# (calibration batches: 16 in pave_methods_glue.py, which runs TA and TIES; 64 in pave_merge_roberta_glue.py, EMR)
 GLUE_METHODS = {
-    "ta": (TA, {"rho": 31 / 32, "merger.scaling_factor": 0.3, "purify_tasks": None, "dare": None}),
-    "ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.9, "merger.threshold": 20, "dare": None}),
-    "dare_ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.5, "dare.sparsity_ratio": 0.5, "dare.rescale": True}),
-    "emr": (EMR, {"rho": 7 / 8, "purify_tasks": GLUE_SUBSET}),
-    "emr_all_tasks": (EMR, {"rho": 7 / 8, "purify_tasks": None}),
+    "ta": (TA, {"rho": 31 / 32, "merger.scaling_factor": 0.3, "purify_tasks": None, "dare": None, "batch_size": 16}),
+    "ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.9, "merger.threshold": 20, "dare": None, "batch_size": 16}),
+    "dare_ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.5, "dare.sparsity_ratio": 0.5, "dare.rescale": True,
+                         "batch_size": 16}),
+    "emr": (EMR, {"rho": 7 / 8, "purify_tasks": GLUE_SUBSET, "batch_size": 64}),
+    "emr_all_tasks": (EMR, {"rho": 7 / 8, "purify_tasks": None, "batch_size": 64}),
 }
 # the official GLUE calibration (config/pave_glue/official.yaml) every GLUE preset runs
 GLUE_CALIBRATION = {"allocation": "per_model", "calibration_split": "train", "num_rows": 4096, "num_samples": 512,
-                    "mask_padding": False, "calibration_padding": "longest", "batch_size": 64, "max_length": 128,
+                    "mask_padding": False, "calibration_padding": "longest", "max_length": 128,
                     "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling"}
 # family -> (pretrained model, fine-tuned task names, task pool's metrics)
 GLUE_FAMILIES = {
