@@ -12,16 +12,17 @@ import pytest
 import torch
 from conftest import run_fusion_bench
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import matthews_corrcoef
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair before fusion_bench imports)
 from fusion_bench_pave.taskpool import ClassificationHeadsTaskPool
 from fusion_bench_pave.taskpool.glue import load_glue
-from fusion_bench_pave.taskpool.metrics import accuracy, matthews_correlation, pearson, spearman
+from fusion_bench_pave.taskpool.metrics import accuracy, f1, matthews_correlation, pearson, spearman
 from reference.tiny_glue import (GLUE, GPT2_GLUE, GPT2_TOKEN, build_gpt2_glue, build_roberta_glue, glue_split, gpt2_tokenizer,
                                  roberta_tokenizer)
 
-METRICS = {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"]}
+METRICS = {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"], "glue-mrpc": ["accuracy", "f1"],
+           "glue-qqp": ["accuracy", "f1"]}
 
 
 # ------------------------------------------------------------------ metrics
@@ -35,12 +36,19 @@ def test_matthews_and_accuracy_match_scikit_learn(classes, seed):
     assert matthews_correlation(predictions, labels) == pytest.approx(
         matthews_corrcoef(labels.numpy(), predictions.numpy()), rel=1e-12, abs=1e-15)
     assert accuracy(predictions, labels) == pytest.approx(float((predictions == labels).double().mean()))
+    if classes == 2:
+        assert f1(predictions, labels) == pytest.approx(f1_score(labels.numpy(), predictions.numpy()), rel=1e-12)
 
 
 def test_matthews_of_a_constant_prediction_is_zero_as_in_scikit_learn():
     labels = torch.tensor([0, 1, 1, 0, 1])
     predictions = torch.ones(5, dtype=torch.long)
     assert matthews_correlation(predictions, labels) == matthews_corrcoef(labels.numpy(), predictions.numpy()) == 0
+
+
+def test_f1_without_any_positive_is_zero_as_in_scikit_learn():
+    negatives = torch.zeros(4, dtype=torch.long)
+    assert f1(negatives, negatives) == f1_score(negatives.numpy(), negatives.numpy(), zero_division=0) == 0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -74,8 +82,10 @@ def independent_scores(classifier, dataset, tokenizer=None) -> dict[str, float]:
     if logits.shape[1] == 1:
         return {"pearson": pearsonr(logits[:, 0], labels).statistic, "spearman": spearmanr(logits[:, 0], labels).statistic}
     predictions = logits.argmax(1)
-    return {"accuracy": float((predictions == labels).mean()),
-            "matthews_correlation": matthews_corrcoef(labels, predictions)}
+    scores = {"accuracy": float((predictions == labels).mean()), "matthews_correlation": matthews_corrcoef(labels, predictions)}
+    if logits.shape[1] == 2:
+        scores["f1"] = f1_score(labels, predictions, zero_division=0)
+    return scores
 
 
 def assert_report_matches(report: dict, replica: dict[str, Path], body, tasks=GLUE, tokenizer=None) -> None:
@@ -137,8 +147,8 @@ def test_a_body_that_does_not_fit_the_heads_is_refused_naming_the_task(replica):
 
 
 def test_bad_task_pool_settings_fail_at_construction_or_before_scoring(replica):
-    with pytest.raises(ValueError, match=r"task 'glue-cola': unknown metrics \['f1'\]"):
-        taskpool(replica, metrics={"glue-cola": ["f1"]})
+    with pytest.raises(ValueError, match=r"task 'glue-cola': unknown metrics \['bleu'\]"):
+        taskpool(replica, metrics={"glue-cola": ["bleu"]})
     with pytest.raises(ValueError, match=r"classifiers has no entry for test task\(s\) \['glue-rte'\]"):
         taskpool(replica, classifiers={f"glue-{t}": str(replica["finetuned"] / t) for t in GLUE if t != "rte"})
     hidden = glue_split("sst2", 8, 0).map(lambda row: {"label": -1})  # GLUE's test splits

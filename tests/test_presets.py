@@ -58,11 +58,13 @@ GLUE_METHODS = {
 GLUE_CALIBRATION = {"allocation": "per_model", "calibration_split": "train", "num_rows": 4096, "num_samples": 512,
                     "mask_padding": False, "calibration_padding": "longest", "max_length": 128,
                     "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling"}
+# the official code's GLUE metrics (averaged_scores: the mean of accuracy and F1 for MRPC and QQP)
+PAIR_F1 = {"glue-cola": ["matthews_correlation"], "glue-mrpc": ["accuracy", "f1"], "glue-qqp": ["accuracy", "f1"]}
 # family -> (pretrained model, fine-tuned task names, task pool's metrics)
 GLUE_FAMILIES = {
     "roberta-base_glue": ("FacebookAI/roberta-base", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"],
-                          {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"]}),
-    "gpt-2_glue": ("gpt2", ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"], {"glue-cola": ["matthews_correlation"]}),
+                          {**PAIR_F1, "glue-stsb": ["pearson", "spearman"]}),
+    "gpt-2_glue": ("gpt2", ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"], PAIR_F1),
 }
 GLUE_PRESETS = {
     f"pave_{method.replace('_all_tasks', '')}_{family}{'_all_tasks' if method.endswith('_all_tasks') else ''}": (family, method)
