@@ -1,5 +1,6 @@
 """Measure pretrained, individual, simple average, TA, TIES, DARE-TIES and EMR, each with and
-without PAVE, and SMILE over a (gate_k, k) grid, on a real offline zoo.
+without PAVE, and SMILE over a (gate_k, k) grid, on a real offline zoo; or, with ``--paper``, run a
+paper's presets and write its table with the paper's figures beside ours (benchmarks/paper_tables.py).
 
 Every model is built the way ``fusion_bench`` builds it: the configs are composed from the
 installed yaml (``method=... modelpool=zoo_<zoo> taskpool=zoo_<zoo>``) and instantiated, then
@@ -14,6 +15,9 @@ evaluated once on the test task pool. Writes ``results.json``, ``results.md`` an
     python -m benchmarks.reproduce --zoo smollm --only task_arithmetic smile_mistral_upscaling \
         emr_merging/emr_merging simple_average --gate-k 4 --k 16 64 --num-samples 64 --max-length 96 \
         --val-rows 40 --test-rows 100   # FusionBench's TIES needs > 14 GB for its 135M models
+    python -m benchmarks.reproduce --paper pave \
+        --set roberta-base_glue:modelpool.finetuned_prefix=/data/roberta-glue/   # needs the hub
+    python -m benchmarks.reproduce --paper pave --replica   # the same presets on tiny offline replicas
 """
 
 from __future__ import annotations
@@ -22,14 +26,13 @@ import argparse
 import itertools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from benchmarks.report import write_outputs  # noqa: E402
+from benchmarks.paper_tables import PAPERS, reproduce_paper
+from benchmarks.report import write_outputs
 
 # zoo -> its modelpool / test / val yaml and its SMILE method with that method's (gate_k, k) keys
 SMILE_UPSCALING = {"method": "smile_upscaling", "gate_k": "method.gate_k", "k": "method.k"}
@@ -244,10 +247,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--val-rows", type=int, default=None, help="first N validation rows per task")
     parser.add_argument("--test-rows", type=int, default=None, help="first N test rows per task")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these fusion_bench methods")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only these fusion_bench methods (with --paper: these presets)")
+    parser.add_argument("--paper", choices=sorted(PAPERS), default=None,
+                        help="run this paper's presets and write its table (needs the hub, or --replica)")
+    parser.add_argument("--replica", action="store_true", help="with --paper: on tiny offline replicas")
+    parser.add_argument("--set", nargs="+", default=[], metavar="[FAMILY:]OVERRIDE",
+                        help="with --paper: CLI overrides for every preset, or for one family's")
     args = parser.parse_args(argv)
-    args.out = args.out or str(Path(__file__).resolve().parent / "results" / args.zoo)
+    if args.paper is None and (args.replica or args.set):
+        parser.error("--replica and --set go with --paper")
+    default = f"paper_{args.paper}{'_replica' if args.replica else ''}" if args.paper else args.zoo
+    args.out = args.out or str(Path(__file__).resolve().parent / "results" / default)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not args.paper or args.replica:  # offline zoos and replicas; a paper's presets need the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.paper:
+        summary = reproduce_paper(args.paper, Path(args.out), args.replica, args.only, args.set)
+        print((Path(args.out) / "results.md").read_text())
+        sys.exit(1 if any("error" in row for row in summary["rows"]) else 0)
     result = run(args)
     print((Path(args.out) / "results.md").read_text())
     print(f"total {result['total_seconds']:.0f}s")

@@ -1,6 +1,6 @@
 """The GLUE protocol: metrics against scikit-learn / SciPy, the per-task-head task pool against an
-independent evaluation, and `fusion_bench method=pave_ta` end to end on an offline replica of the
-RoBERTa-base GLUE pool (reference/tiny_glue.py)."""
+independent evaluation, and `fusion_bench method=pave_ta` end to end on offline replicas of the
+RoBERTa-base and GPT-2 GLUE pools (reference/tiny_glue.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ import pytest
 import torch
 from conftest import run_fusion_bench
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import matthews_corrcoef
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair before fusion_bench imports)
 from fusion_bench_pave.taskpool import ClassificationHeadsTaskPool
 from fusion_bench_pave.taskpool.glue import load_glue
-from fusion_bench_pave.taskpool.metrics import accuracy, matthews_correlation, pearson, spearman
-from reference.tiny_glue import GLUE, build_roberta_glue, glue_split, roberta_tokenizer
+from fusion_bench_pave.taskpool.metrics import accuracy, f1, matthews_correlation, pearson, spearman
+from reference.tiny_glue import (GLUE, GPT2_GLUE, GPT2_TOKEN, build_gpt2_glue, build_roberta_glue, glue_split, gpt2_tokenizer,
+                                 roberta_tokenizer)
 
-METRICS = {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"]}
+METRICS = {"glue-cola": ["matthews_correlation"], "glue-stsb": ["pearson", "spearman"], "glue-mrpc": ["accuracy", "f1"],
+           "glue-qqp": ["accuracy", "f1"]}
 
 
 # ------------------------------------------------------------------ metrics
@@ -34,12 +36,19 @@ def test_matthews_and_accuracy_match_scikit_learn(classes, seed):
     assert matthews_correlation(predictions, labels) == pytest.approx(
         matthews_corrcoef(labels.numpy(), predictions.numpy()), rel=1e-12, abs=1e-15)
     assert accuracy(predictions, labels) == pytest.approx(float((predictions == labels).double().mean()))
+    if classes == 2:
+        assert f1(predictions, labels) == pytest.approx(f1_score(labels.numpy(), predictions.numpy()), rel=1e-12)
 
 
 def test_matthews_of_a_constant_prediction_is_zero_as_in_scikit_learn():
     labels = torch.tensor([0, 1, 1, 0, 1])
     predictions = torch.ones(5, dtype=torch.long)
     assert matthews_correlation(predictions, labels) == matthews_corrcoef(labels.numpy(), predictions.numpy()) == 0
+
+
+def test_f1_without_any_positive_is_zero_as_in_scikit_learn():
+    negatives = torch.zeros(4, dtype=torch.long)
+    assert f1(negatives, negatives) == f1_score(negatives.numpy(), negatives.numpy(), zero_division=0) == 0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -62,9 +71,9 @@ def eval_split(task: str) -> str:
     return GLUE[task][2]
 
 
-def independent_scores(classifier, dataset) -> dict[str, float]:
+def independent_scores(classifier, dataset, tokenizer=None) -> dict[str, float]:
     """The classifier's GLUE metrics on ``dataset`` in one padded batch, with scikit-learn / SciPy."""
-    tokenizer = roberta_tokenizer()
+    tokenizer = tokenizer or roberta_tokenizer()
     columns = [c for c in dataset.column_names if c not in ("label", "idx")]
     encoded = tokenizer(*(list(dataset[c]) for c in columns), padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -73,20 +82,22 @@ def independent_scores(classifier, dataset) -> dict[str, float]:
     if logits.shape[1] == 1:
         return {"pearson": pearsonr(logits[:, 0], labels).statistic, "spearman": spearmanr(logits[:, 0], labels).statistic}
     predictions = logits.argmax(1)
-    return {"accuracy": float((predictions == labels).mean()),
-            "matthews_correlation": matthews_corrcoef(labels, predictions)}
+    scores = {"accuracy": float((predictions == labels).mean()), "matthews_correlation": matthews_corrcoef(labels, predictions)}
+    if logits.shape[1] == 2:
+        scores["f1"] = f1_score(labels, predictions, zero_division=0)
+    return scores
 
 
-def assert_report_matches(report: dict, replica: dict[str, Path], body) -> None:
+def assert_report_matches(report: dict, replica: dict[str, Path], body, tasks=GLUE, tokenizer=None) -> None:
     """Each task's reported metrics equal those of its fine-tuned classifier with ``body`` put in
     place of its own (module swap, not the task pool's weight copy)."""
     from transformers import AutoModelForSequenceClassification
 
     scores = []
-    for task in GLUE:
+    for task in tasks:
         classifier = AutoModelForSequenceClassification.from_pretrained(replica["finetuned"] / task)
-        classifier.roberta = body
-        expected = independent_scores(classifier, load_glue(str(replica["glue"]), task, eval_split(task)))
+        setattr(classifier, classifier.base_model_prefix, body)
+        expected = independent_scores(classifier, load_glue(str(replica["glue"]), task, eval_split(task)), tokenizer)
         reported = report[f"glue-{task}"]
         names = METRICS.get(f"glue-{task}", ["accuracy"])
         assert set(reported) == {*names, "score"}
@@ -136,8 +147,8 @@ def test_a_body_that_does_not_fit_the_heads_is_refused_naming_the_task(replica):
 
 
 def test_bad_task_pool_settings_fail_at_construction_or_before_scoring(replica):
-    with pytest.raises(ValueError, match=r"task 'glue-cola': unknown metrics \['f1'\]"):
-        taskpool(replica, metrics={"glue-cola": ["f1"]})
+    with pytest.raises(ValueError, match=r"task 'glue-cola': unknown metrics \['bleu'\]"):
+        taskpool(replica, metrics={"glue-cola": ["bleu"]})
     with pytest.raises(ValueError, match=r"classifiers has no entry for test task\(s\) \['glue-rte'\]"):
         taskpool(replica, classifiers={f"glue-{t}": str(replica["finetuned"] / t) for t in GLUE if t != "rte"})
     hidden = glue_split("sst2", 8, 0).map(lambda row: {"label": -1})  # GLUE's test splits
@@ -147,17 +158,40 @@ def test_bad_task_pool_settings_fail_at_construction_or_before_scoring(replica):
 
 
 # ------------------------------------------------------------ the CLI, end to end
-@pytest.mark.slow
-def test_cli_pave_on_the_roberta_glue_replica_reports_each_heads_metrics(replica, tmp_path):
+def run_pave_ta(pools: str, replica: dict[str, Path], tmp_path: Path) -> tuple[dict, dict, Path]:
+    """``fusion_bench method=pave_ta modelpool=<pools> taskpool=<pools>`` on ``replica`` (rho 0.75, the
+    merged body saved): the program report, PAVE's report and the merged body's directory."""
     log_dir, merged_dir = tmp_path / "logs", tmp_path / "merged"
     run_fusion_bench([
-        "method=pave_ta", "modelpool=roberta-base_glue", "taskpool=roberta-base_glue",
+        "method=pave_ta", f"modelpool={pools}", f"taskpool={pools}",
         f"modelpool.pretrained_model_name_or_path={replica['pretrained']}",
         f"modelpool.finetuned_prefix={replica['finetuned']}/", f"modelpool.glue={replica['glue']}",
         "method.num_samples=16", "method.rho=0.75", "method.cache_dir=null",
         f"path.log_dir={log_dir}", f"merged_model_save_path={merged_dir}",
     ], cwd=tmp_path)
     report = json.loads((log_dir / "program_report.json").read_text())
-    pave = json.loads((log_dir / "pave_report.json").read_text())
+    return report, json.loads((log_dir / "pave_report.json").read_text()), merged_dir
+
+
+@pytest.mark.slow
+def test_cli_pave_on_the_roberta_glue_replica_reports_each_heads_metrics(replica, tmp_path):
+    report, pave, merged_dir = run_pave_ta("roberta-base_glue", replica, tmp_path)
     assert set(pave["ranks"]) == {f"glue-{t}" for t in GLUE} and all(r < 1 for r in pave["kept_ratio"].values())
     assert_report_matches(report, replica, body(merged_dir))
+
+
+@pytest.mark.slow
+def test_cli_pave_on_the_gpt2_glue_replica_purifies_conv1d_and_scores_each_tasks_head(tmp_path):
+    """modelpool/taskpool=gpt-2_glue_heads: GPT2Model bodies merged (their Conv1D layers purified), each
+    task scored with its own GPT2ForSequenceClassification `score` head on the last non-padding token."""
+    from transformers import GPT2Model
+
+    replica = build_gpt2_glue(tmp_path / "gpt2-glue")
+    report, pave, merged_dir = run_pave_ta("gpt-2_glue_heads", replica, tmp_path)
+    conv1d = {f"h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(pave["full_ranks"]) == conv1d  # every Conv1D of the body, nothing else (no `score`: bodies)
+    assert set(pave["ranks"]) == {f"glue-{t}" for t in GPT2_GLUE} and all(r < 1 for r in pave["kept_ratio"].values())
+    merged = GPT2Model.from_pretrained(merged_dir).eval()
+    tokenizer = gpt2_tokenizer()
+    tokenizer.pad_token = GPT2_TOKEN  # as the pool's tokenizer config sets it
+    assert_report_matches(report, replica, merged, GPT2_GLUE, tokenizer)

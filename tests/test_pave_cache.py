@@ -185,6 +185,17 @@ def test_a_changed_tokenizer_misses_the_cache(tmp_path):
     assert run(with_preprocessor(make_pool("t5"), left), cache_dir=str(tmp_path))["pave"]["covariance_cache_hits"] == 0
 
 
+def test_another_batch_size_misses_the_cache(tmp_path):
+    """With padding rows counted (the official GLUE calibration), batches padded to their longest text
+    give other statistics at another batch size: the TA (16) and EMR (64) GLUE presets share a cache."""
+    settings = {"cache_dir": str(tmp_path), "mask_padding": False}
+    assert run(make_pool("t5"), **settings)["pave"]["covariance_cache_hits"] == 0
+    assert run(make_pool("t5"), **settings)["pave"]["covariance_cache_hits"] == 3
+    other = run(make_pool("t5"), **settings, batch_size=6)
+    assert other["pave"]["covariance_cache_hits"] == 0
+    assert_same_model(other["model"], run(make_pool("t5"), mask_padding=False, batch_size=6)["model"])
+
+
 def test_the_preprocessor_fingerprint_is_its_content_not_its_path(tmp_path):
     for preprocessor, load in [(word_tokenizer(), AutoTokenizer.from_pretrained),
                                (clip_processor(), AutoImageProcessor.from_pretrained)]:

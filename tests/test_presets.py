@@ -44,9 +44,69 @@ ZOO_PRESETS = {"pave_ties_zoo_minilm": (PAVE, "zoo_minilm")}
 STREAMED_PRESETS = {"pave_ta_qwen2.5-7b_math_code": "test_causal_lm_pave_preset.py"}
 
 
+TA, TIES = "fusion_bench.method.TaskArithmeticAlgorithm", "fusion_bench.method.TiesMergingAlgorithm"
+GLUE_SUBSET = ["glue-sst2", "glue-qqp", "glue-mnli"]  # official GLUE EMR: ids [2, 5, 6]
+# method part of a GLUE preset -> (merger _target_, PAVE settings): the official GLUE/README.md commands
+# (calibration batches: 16 in pave_methods_glue.py, which runs TA and TIES; 64 in pave_merge_roberta_glue.py, EMR)
+GLUE_METHODS = {
+    "ta": (TA, {"rho": 31 / 32, "merger.scaling_factor": 0.3, "purify_tasks": None, "dare": None, "batch_size": 16}),
+    "ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.9, "merger.threshold": 20, "dare": None, "batch_size": 16}),
+    "dare_ties": (TIES, {"rho": 63 / 64, "merger.scaling_factor": 0.5, "dare.sparsity_ratio": 0.5, "dare.rescale": True,
+                         "batch_size": 16}),
+    "emr": (EMR, {"rho": 7 / 8, "purify_tasks": GLUE_SUBSET, "batch_size": 64}),
+    "emr_all_tasks": (EMR, {"rho": 7 / 8, "purify_tasks": None, "batch_size": 64}),
+}
+# the official GLUE calibration (config/pave_glue/official.yaml) every GLUE preset runs
+GLUE_CALIBRATION = {"allocation": "per_model", "calibration_split": "train", "num_rows": 4096, "num_samples": 512,
+                    "mask_padding": False, "calibration_padding": "longest", "max_length": 128,
+                    "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling"}
+# the official code's GLUE metrics (averaged_scores: the mean of accuracy and F1 for MRPC and QQP)
+PAIR_F1 = {"glue-cola": ["matthews_correlation"], "glue-mrpc": ["accuracy", "f1"], "glue-qqp": ["accuracy", "f1"]}
+# family -> (pretrained model, fine-tuned task names, task pool's metrics)
+GLUE_FAMILIES = {
+    "roberta-base_glue": ("FacebookAI/roberta-base", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"],
+                          {**PAIR_F1, "glue-stsb": ["pearson", "spearman"]}),
+    "gpt-2_glue": ("gpt2", ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"], PAIR_F1),
+}
+GLUE_PRESETS = {
+    f"pave_{method.replace('_all_tasks', '')}_{family}{'_all_tasks' if method.endswith('_all_tasks') else ''}": (family, method)
+    for family in GLUE_FAMILIES for method in GLUE_METHODS
+}
+
+
 def test_every_preset_file_is_covered():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS, *STREAMED_PRESETS])
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS, *GLUE_PRESETS, *STREAMED_PRESETS])
     assert all((Path(__file__).parent / module).is_file() for module in STREAMED_PRESETS.values())
+
+
+def _setting(node, dotted: str):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("preset", sorted(GLUE_PRESETS))
+def test_glue_preset_composes_to_the_official_procedure(preset):
+    family, method = GLUE_PRESETS[preset]
+    merger, settings = GLUE_METHODS[method]
+    pretrained, tasks, metrics = GLUE_FAMILIES[family]
+    cfg = compose_fusion_bench([f"+preset={preset}"])
+    assert cfg.method._target_ == PAVE and cfg.method.merger._target_ == merger
+    for key, value in {**GLUE_CALIBRATION, **settings}.items():
+        actual = _setting(cfg.method, key)
+        assert (actual == pytest.approx(value) if isinstance(value, float) else actual == value), key
+    assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.SequenceClassificationModelPool"
+    assert cfg.modelpool.pretrained_model_name_or_path == pretrained
+    assert [m for m in cfg.modelpool.models if m != "_pretrained_"] == [f"glue-{t}" for t in tasks]
+    assert list(cfg.modelpool.train_datasets) == [f"glue-{t}" for t in tasks]  # calibration: train splits
+    assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.ClassificationHeadsTaskPool"
+    assert list(cfg.taskpool.test_datasets) == [f"glue-{t}" for t in tasks]
+    assert cfg.taskpool.metrics == metrics
+    comment = " ".join(line.lstrip("#").strip() for line in (PRESET_DIR / f"{preset}.yaml").read_text().splitlines()
+                       if line.startswith("#"))
+    assert f"fusion_bench +preset={preset}" in comment  # the usage line names the preset itself
+    figure = "84.28" if preset == "pave_emr_roberta-base_glue" else "not available to us"
+    assert f"Paper's average: {figure}" in comment  # never a figure our notes do not give
 
 
 def test_zoo_demo_preset_composes_without_building_the_zoo(tiny_cache):

@@ -156,6 +156,9 @@ class TaskStatistics:
             "exclude": list(s.exclude),
             "split": s.split,
             "padding": s.padding,
+            # batches padded to their longest text count other padding rows at another batch size
+            # (mask_padding false), and sum in another order in any case
+            "batch_size": s.batch_size,
             **({"attention": True} if s.attention else {}),  # absent when off: earlier keys stay valid
         }
 

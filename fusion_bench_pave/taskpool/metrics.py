@@ -1,5 +1,5 @@
-"""GLUE's metrics over whole prediction vectors, in float64 torch: accuracy, Matthews correlation
-(CoLA), Pearson and Spearman correlation (STS-B's regression head)."""
+"""GLUE's metrics over whole prediction vectors, in float64 torch: accuracy, F1 (MRPC and QQP, beside
+accuracy), Matthews correlation (CoLA), Pearson and Spearman correlation (STS-B's regression head)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from torch import Tensor
 def accuracy(predictions: Tensor, labels: Tensor) -> float:
     """Fraction of predicted class ids equal to the labels."""
     return (predictions == labels).double().mean().item()
+
+
+def f1(predictions: Tensor, labels: Tensor) -> float:
+    """F1 score of class 1 (GLUE's positive class: paraphrase, duplicate); 0 when there is no true or
+    predicted positive, as scikit-learn defines it."""
+    true_positive = ((predictions == 1) & (labels == 1)).sum().double()
+    denominator = (predictions == 1).sum() + (labels == 1).sum()
+    return 0.0 if denominator == 0 else (2 * true_positive / denominator).item()
 
 
 def matthews_correlation(predictions: Tensor, labels: Tensor) -> float:
@@ -47,5 +55,5 @@ def spearman(x: Tensor, y: Tensor) -> float:
     return pearson(ranks(x), ranks(y))
 
 
-METRICS = {"accuracy": accuracy, "matthews_correlation": matthews_correlation, "pearson": pearson,
+METRICS = {"accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_correlation, "pearson": pearson,
            "spearman": spearman}
