@@ -54,6 +54,7 @@ class CollectionSettings:
     exclude: tuple[str, ...] = ()
     split: Literal["train", "validation", "test"] = "train"
     padding: Literal["longest", "max_length"] = "longest"
+    order: Literal["random", "first"] = "random"
 
     def includes(self, name: str, module: nn.Module) -> bool:
         """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
@@ -77,7 +78,7 @@ class CollectionKeys:
             num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
             max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
             seed=self.seed, exclude=tuple(self.excluded_patterns(model)), split=self.calibration_split,
-            padding=self.calibration_padding)
+            padding=self.calibration_padding, order=self.sample_order)
 
 
 def open_run_cache(cache_dir: Optional[str], fabric: Any) -> Optional[CovarianceCache]:
@@ -154,6 +155,7 @@ class TaskStatistics:
             "exclude": list(s.exclude),
             "split": s.split,
             "padding": s.padding,
+            "order": s.order,
         }
 
     def cache_parts(self, task: str, model: nn.Module, dataset: Any) -> Optional[dict[str, Any]]:
@@ -189,7 +191,7 @@ class TaskStatistics:
         """Collect the statistics on the CPU; with several processes each takes a shard of the
         calibration batches and the sums are all-reduced."""
         settings, fabric = self.settings, self.fabric
-        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
+        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task, settings.order)
         if settings.num_rows is not None and fabric.world_size > 1:
             raise ValueError(
                 "num_rows takes the first rows in calibration order, which one process cannot know "
