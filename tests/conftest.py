@@ -55,8 +55,9 @@ def child_pythonpath() -> str:
     return os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
 
 
-def compose_fusion_bench(overrides: list[str]):
-    """Compose FusionBench's main config exactly as its CLI does (same config dir, our plugin)."""
+def compose_fusion_bench(overrides: list[str], return_hydra_config: bool = False):
+    """Compose FusionBench's main config exactly as its CLI does (same config dir, our plugin); with
+    return_hydra_config, cfg.hydra holds Hydra's own node (runtime.choices: each group's option)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -64,7 +65,7 @@ def compose_fusion_bench(overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
-        return compose("fabric_model_fusion", overrides=overrides)
+        return compose("fabric_model_fusion", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def run_fusion_bench(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -203,8 +203,8 @@ def test_the_yaml_mirrors_the_constructor_with_paves_collection_values():
     collection = [k for k in keys if k not in ("output_dir", "overwrite")]
     assert set(collection) <= set(pave_config) and {k: config[k] for k in collection} == {
         k: pave_config[k] for k in collection}
-    assert set(collection) == set(CollectionSettings.__dataclass_fields__) - {"exclude", "split", "padding", "attention"} | {
-        "exclude_modules", "calibration_datasets", "calibration_split", "calibration_padding", "purify_attention"}
+    assert set(collection) == set(CollectionSettings.__dataclass_fields__) - {"exclude", "split", "padding", "order", "attention"} | {
+        "exclude_modules", "calibration_datasets", "calibration_split", "calibration_padding", "sample_order", "purify_attention"}
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ input, its X^T X sum over the calibration token rows (in the order collected). T
 ``__metadata__`` holds JSON strings: ``format`` ("pave-covariance-stats/2"), ``count`` (token rows
 per input), ``input_of`` (the input each Linear reads: q/k/v share one), ``parts`` (what the
 statistics were made from: model fingerprint, dataset and preprocessor fingerprints, num_samples,
-num_rows, seed, mask_padding, max_length, dtype, exclude patterns, calibration split and padding;
+num_rows, seed, mask_padding, max_length, dtype, exclude patterns, calibration split, padding and
+sample order;
 their hash is ``<key>``) and the
 CRC-32 of each tensor, which ``LazyTensors`` checks on every read (io/safetensors.py).
 

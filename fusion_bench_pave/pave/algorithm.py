@@ -68,6 +68,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         calibration_datasets: Optional[DictConfig] = None,
         calibration_split: Literal["train", "validation", "test"] = COLLECT.split,
         calibration_padding: Literal["longest", "max_length"] = COLLECT.padding,
+        sample_order: Literal["random", "first"] = COLLECT.order,
         purify_tasks: Optional[list[str]] = None,
         purify_attention: bool = COLLECT.attention,
         dare: Optional[DictConfig] = None,
@@ -84,7 +85,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             rho: global kept-rank ratio in (0, 1]; 1 reproduces the merger exactly.
             allocation: per_layer (greedy optimum), per_model (official collapse) or uniform.
             floor_factor: no model keeps fewer than R - round(factor * (R - round(rho * R))).
-            num_samples: calibration samples drawn (seeded) from each task's calibration split.
+            num_samples: calibration samples read from each task's calibration split (see sample_order).
             num_rows: optional N of the official code: each input's covariance uses its first
                 num_rows (unmasked) token rows of those samples; single process only.
             batch_size, max_length: calibration batching and text truncation.
@@ -95,7 +96,8 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
                 None means the task heads (pave/heads.py: Linears outside a Hugging Face model's
                 body, the output embeddings, and any Linear named as in task_statistics.HEADS),
-                [] purifies every Linear.
+                [] purifies every Linear, ["*.self_attn.*"] only the MLP of a Hugging Face CLIP
+                (fc1, fc2: the official ViT protocol). Excluded Linears keep their plain task vectors.
             calibration_datasets: optional {task: dataset path or config} overriding the pool's
                 splits; every task named must be a fine-tuned model of the pool.
             calibration_split: the pool's datasets calibration reads: "train" (train_datasets),
@@ -103,6 +105,8 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
                 official ViT code does; logged as a warning and flagged in the report).
             calibration_padding: "longest" (pad each batch to its longest text, the official GLUE
                 path) or "max_length" (every text padded to max_length, the official LLM path).
+            sample_order: "random" (a subset drawn with `seed`) or "first" (the first num_samples
+                rows in dataset order, as the official ViT path reads its unshuffled test loader).
             purify_tasks: optional list of the tasks to purify (the official GLUE EMR purifies
                 sst2, qqp and mnli); the others keep their plain task vectors, need no calibration
                 data and take no part in the rank allocation. None purifies every task.
@@ -113,7 +117,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
                 the report's `unpurified`.
             dare: optional {sparsity_ratio, rescale, only_on_linear_weights}: DARE drop+rescale of
                 the raw deltas before purification (seeded with `seed`).
-            seed: seed of calibration sampling and DARE.
+            seed: seed of calibration sampling (sample_order=random) and DARE.
             cache_dir: directory of the covariance cache (None disables it). One that cannot be
                 created is skipped with a warning; a read-only one is read, not written.
             statistics: optional directory written by method=pave_statistics: each task's statistics

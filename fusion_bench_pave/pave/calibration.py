@@ -44,8 +44,16 @@ class ImageTransform:
         return {"transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.transform))}
 
 
-def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> list[int]:
-    """A seeded random subset of `num_samples` row indices; errors if the split is too small."""
+#: sample_order -> how calibration picks its rows: a seeded random subset, or the first rows in
+#: dataset order (the official ViT path reads its unshuffled test loader).
+SAMPLE_ORDERS = ("random", "first")
+
+
+def sample_indices(num_rows: int, num_samples: int, seed: int, task: str, order: str = "random") -> list[int]:
+    """`num_samples` row indices of a split of `num_rows` rows: a seeded random subset ("random") or
+    rows 0 .. num_samples - 1 in dataset order ("first"); errors if the split is too small."""
+    if order not in SAMPLE_ORDERS:
+        raise ValueError(f"sample_order must be one of {list(SAMPLE_ORDERS)}, got {order!r}.")
     if num_rows == 0:
         raise ValueError(f"task '{task}': its calibration dataset is empty (0 rows); PAVE needs calibration samples.")
     if num_samples > num_rows:
@@ -53,6 +61,8 @@ def sample_indices(num_rows: int, num_samples: int, seed: int, task: str) -> lis
             f"task '{task}': asked for {num_samples} calibration samples but its calibration dataset has only "
             f"{num_rows} rows; lower num_samples to at most {num_rows}."
         )
+    if order == "first":
+        return list(range(num_samples))
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_rows, generator=generator)[:num_samples].tolist()
 

@@ -9,7 +9,7 @@ from typing import Any, get_args
 from fusion_bench.utils.packages import import_object
 
 from fusion_bench_pave.arguments import check_argument_types
-from fusion_bench_pave.pave.calibration import SPLITS
+from fusion_bench_pave.pave.calibration import SAMPLE_ORDERS, SPLITS
 from fusion_bench_pave.pave.offload import Offload
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
@@ -119,7 +119,7 @@ def check_collection(cls: type, arguments: Mapping[str, Any]) -> None:
     if arguments["num_rows"] is not None and arguments["num_rows"] < 1:
         raise ValueError(f"num_rows must be >= 1 or null, got {arguments['num_rows']}")
     check_choices(arguments, {"accumulate_dtype": tuple(DTYPES), "calibration_split": tuple(SPLITS),
-                              "calibration_padding": ("longest", "max_length")})
+                              "calibration_padding": ("longest", "max_length"), "sample_order": SAMPLE_ORDERS})
 
 
 def check_choices(arguments: Mapping[str, Any], choices: Mapping[str, tuple]) -> None:

@@ -46,6 +46,7 @@ class PAVEStatistics(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
         calibration_split: Literal["train", "validation", "test"] = COLLECT.split,
         calibration_padding: Literal["longest", "max_length"] = COLLECT.padding,
         purify_attention: bool = COLLECT.attention,
+        sample_order: Literal["random", "first"] = COLLECT.order,
         seed: int = COLLECT.seed,
         **kwargs: Any,
     ):
@@ -54,7 +55,7 @@ class PAVEStatistics(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
             output_dir: the statistics directory to write (atomically: complete or absent).
             overwrite: replace an existing output_dir (only if it holds nothing but what we wrote).
             num_samples, num_rows, batch_size, max_length, mask_padding, accumulate_dtype,
-            exclude_modules, calibration_datasets, calibration_split, calibration_padding,
+            exclude_modules, calibration_datasets, calibration_split, calibration_padding, sample_order,
             purify_attention (collect nn.MultiheadAttention's inputs too), seed: as
                 PAVE's keys of the same names; a PAVE run
                 with the same values collects the same statistics, bit for bit.

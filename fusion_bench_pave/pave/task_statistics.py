@@ -56,6 +56,7 @@ class CollectionSettings:
     split: Literal["train", "validation", "test"] = "train"
     padding: Literal["longest", "max_length"] = "longest"
     attention: bool = False
+    order: Literal["random", "first"] = "random"
 
     def includes(self, name: str, module: nn.Module) -> bool:
         """Whether the Linear `name` is purified: no exclude pattern matches it or its last name part."""
@@ -79,7 +80,7 @@ class CollectionKeys:
             num_samples=self.num_samples, num_rows=self.num_rows, batch_size=self.batch_size,
             max_length=self.max_length, mask_padding=self.mask_padding, accumulate_dtype=self.accumulate_dtype,
             seed=self.seed, exclude=tuple(self.excluded_patterns(model)), split=self.calibration_split,
-            padding=self.calibration_padding, attention=self.purify_attention)
+            padding=self.calibration_padding, order=self.sample_order, attention=self.purify_attention)
 
 
 def open_run_cache(cache_dir: Optional[str], fabric: Any) -> Optional[CovarianceCache]:
@@ -156,6 +157,7 @@ class TaskStatistics:
             "exclude": list(s.exclude),
             "split": s.split,
             "padding": s.padding,
+            "order": s.order,
             # batches padded to their longest text count other padding rows at another batch size
             # (mask_padding false), and sum in another order in any case
             "batch_size": s.batch_size,
@@ -195,7 +197,7 @@ class TaskStatistics:
         """This process's calibration batches of `task` (with a progress bar): the seeded sample,
         and under DDP its share of whole batches, dealt round robin."""
         settings, fabric = self.settings, self.fabric
-        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task)
+        indices = sample_indices(len(dataset), settings.num_samples, settings.seed, task, settings.order)
         if settings.num_rows is not None and fabric.world_size > 1:
             raise ValueError(
                 "num_rows takes the first rows in calibration order, which one process cannot know "
