@@ -78,14 +78,15 @@ def _accuracy(row: dict) -> float:
 
 def paired(a: list[float], b: list[float]) -> dict:
     """Mean and sample std of ``a - b`` over seeds and the two-sided paired t-test's p-value (None with
-    fewer than two seeds, or when every difference is the same, where the test is undefined)."""
+    fewer than two seeds, or when every difference is the same, where the test is undefined; equal
+    counts of texts give differences equal only to rounding, hence the 1e-9 points)."""
     from statistics import mean, stdev
 
     from scipy.stats import ttest_rel
 
     diffs = [x - y for x, y in zip(a, b)]
     spread = stdev(diffs) if len(diffs) > 1 else None
-    p = float(ttest_rel(a, b).pvalue) if len(diffs) > 1 and spread else None
+    p = float(ttest_rel(a, b).pvalue) if spread is not None and spread > 1e-9 else None
     return {"mean": mean(diffs), "std": spread, "p": p, "n": len(diffs)}
 
 
