@@ -48,6 +48,8 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     """PAVE + a streamed merger (TA, TIES, DARE-TA, DARE-TIES) of Mistral / Llama / Qwen2 checkpoints,
     one decoder layer at a time. The defaults are the official LLM protocol (Llama-2-7B math+code)."""
 
+    purify_attention = False  # these decoders' attention is plain Linears (no nn.MultiheadAttention)
+
     def __init__(
         self,
         merger: DictConfig,
@@ -68,6 +70,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
         calibration_datasets: Optional[DictConfig] = None,
         calibration_split: Literal["train", "validation", "test"] = "train",
         calibration_padding: Literal["longest", "max_length"] = "max_length",
+        sample_order: Literal["random", "first"] = "random",
         purify_tasks: Optional[list[str]] = None,
         dare: Optional[DictConfig] = None,
         seed: int = 42,
