@@ -2,9 +2,7 @@
 the pool imports on Python 3.11, PAVE reproduces Task Arithmetic at rho=1 and purifies the MLP only
 by default (nn.MultiheadAttention named, as plain task vectors) or the attention too, its covariances
 match a manual computation, and SMILE upscales the MLP, reproduces a fine-tuned model at full rank and
-saves and reloads. Tiny encoders are built locally (nothing downloaded).
-
-open_clip needs torchvision, which needs the torch 2.14.1 environment (README, Set-up)."""
+saves and reloads. Tiny encoders are built locally (nothing downloaded)."""
 
 from __future__ import annotations
 
@@ -18,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip
 
-import fusion_bench_pave.plugin  # noqa: E402,F401  (compat repair: typing.override on Python 3.11)
-from fusion_bench.method import TaskArithmeticAlgorithm  # noqa: E402
-from fusion_bench.modelpool.openclip_vision import OpenCLIPVisionModelPool  # noqa: E402
-from fusion_bench.models.open_clip import ImageEncoder  # noqa: E402
-from fusion_bench_pave.io.smile import load_smile_model, save_smile_model  # noqa: E402
-from fusion_bench_pave.pave import PAVE  # noqa: E402
-from fusion_bench_pave.pave.calibration import ImageTransform  # noqa: E402
-from fusion_bench_pave.pave.covariance import collect_covariance  # noqa: E402
+import fusion_bench_pave.plugin  # noqa: F401  (compat repair: typing.override on Python 3.11)
+from fusion_bench.method import TaskArithmeticAlgorithm
+from fusion_bench.modelpool.openclip_vision import OpenCLIPVisionModelPool
+from fusion_bench.models.open_clip import ImageEncoder
+from fusion_bench_pave.io.smile import load_smile_model, save_smile_model
+from fusion_bench_pave.pave import PAVE
+from fusion_bench_pave.pave.calibration import ImageTransform
+from fusion_bench_pave.pave.covariance import collect_covariance
 from fusion_bench_pave.smile import upscale_model  # noqa: E402
 from pave_helpers import image_dataset  # noqa: E402
 from reference.tiny_models import noisy_copies, perturbed  # noqa: E402
