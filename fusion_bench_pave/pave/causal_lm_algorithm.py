@@ -5,7 +5,6 @@ safetensors directory, and returns the merged model loaded from it."""
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,6 +19,7 @@ from fusion_bench.utils.dtype import parse_dtype
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.causal_lm_skeleton import meta_causal_lm
 from fusion_bench_pave.io.atomic import refuse_replacing_dir
+from fusion_bench_pave.io.shared_output import shared_temporary_dir
 from fusion_bench_pave.merging.fusion_bench_methods import streamed_merger
 from fusion_bench_pave.merging.stream import Dare
 from fusion_bench_pave.modelpool.checkpoints import safetensors_checkpoint_dir
@@ -145,7 +145,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
         batches = {task: statistics.batches(task, skeleton, statistics.dataset(task)) for task in purified}
         dare = Dare(self.dare["sparsity_ratio"], self.dare.get("rescale", True), self.dare.get("only_on_linear_weights", False),
                     self.seed) if self.dare else None
-        with tempfile.TemporaryDirectory(prefix="pave-merged-", dir=self.scratch_dir) as scratch:
+        with shared_temporary_dir(self.fabric, prefix="pave-merged-", dir=self.scratch_dir) as scratch:
             out = self.output_path or Path(scratch) / "merged"
             result = pave_merge_causal_lm_checkpoints(
                 dirs["_pretrained_"], {task: dirs[task] for task in tasks}, out, method, batches, self.purification,
@@ -153,7 +153,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
                                               parse_dtype(self.model_dtype), self.device),
                 check=lambda task, stats: check_statistics(task, stats, collection), dare=dare, merge_dare=merge_dare,
                 scratch_dir=self.scratch_dir, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite,
-                progress=self.fabric.is_global_zero)
+                progress=self.fabric.is_global_zero, fabric=self.fabric)
             merged = AutoModelForCausalLM.from_pretrained(out).eval()
         total = sum(result.full_ranks.values())
         self.extras = {"ranks": result.ranks, "full_ranks": result.full_ranks,
