@@ -46,7 +46,9 @@ ARCHITECTURES = ("mistral", "llama", "qwen2")
 @auto_register_config
 class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     """PAVE + a streamed merger (TA, TIES, DARE-TA, DARE-TIES) of Mistral / Llama / Qwen2 checkpoints,
-    one decoder layer at a time. The defaults are the official LLM protocol (Llama-2-7B math+code)."""
+    one decoder layer at a time. The defaults are the official LLM protocol (Llama-2-7B math+code).
+    Under Fabric DDP (``num_rows: null``, ``num_samples`` of at least one batch per rank) the ranks share
+    the calibration batches, the purification and the merge (``causal_lm_purification``)."""
 
     purify_attention = False  # these decoders' attention is plain Linears (no nn.MultiheadAttention)
 
@@ -92,7 +94,8 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
             model_dtype: dtype the weights are used in for the statistics (None: as stored).
             device: where the statistics are collected (the purification and merge run on the CPU).
             output_path: directory of the merged checkpoint (refused if it exists, unless `overwrite`);
-                None: a temporary directory, removed once the model is loaded from it.
+                None: a temporary directory, removed once the model is loaded from it. Under DDP it, and
+                `scratch_dir`, must be on a filesystem every rank sees.
             scratch_dir: where the purified weights wait for the merge (a temporary directory in it,
                 removed at the end; as large as the purified Linear weights of all tasks). None: TMPDIR.
             max_shard_gb: shard size of the output and scratch checkpoints (the writer buffers one shard).

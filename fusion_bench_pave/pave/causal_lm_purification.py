@@ -11,6 +11,12 @@ another and memory holds one decoder layer of one model (plus its statistics and
 tokens' hidden states); ``per_layer`` needs every model's spectrum of a layer, so the tasks' layer-by-
 layer collections advance in lockstep (one decoder layer of each model); ``per_model`` needs every
 layer's spectrum before any purification and is not offered here.
+
+Under Lightning Fabric DDP each rank collects on its share of the calibration batches and each
+layer's sums are all-reduced (as the in-memory PAVE's); the layer's Linears, in groups reading one
+input, are dealt to the ranks by estimated cost and each rank writes its purified weights into its
+own scratch checkpoint; the merge writes one checkpoint with all ranks (``checkpoint_merge``). Given
+the same statistics the output is that of one process, bit for bit.
 """
 
 from __future__ import annotations
@@ -72,12 +78,12 @@ def check_streamed_allocation(settings: PurifySettings) -> None:
                          "(per_model needs every layer's spectrum before purifying any; use the in-memory PAVE)")
 
 
-def _unit_costs(layers: Sequence[str], stats: CovarianceStats, specs: Callable[[str], torch.Size]) -> dict[str, float]:
-    """Rough flops of purifying each group of ``layers`` that read one input (q/k/v, gate/up: its
-    regularisation is shared), keyed by the input: C_eps, and per Linear W C_eps and the Gram's eigh."""
+def _unit_costs(shapes: Mapping[str, torch.Size], stats: CovarianceStats) -> dict[str, float]:
+    """Rough flops of purifying each group of Linears (``shapes``: layer -> weight shape) that read one
+    input (q/k/v, gate/up: its regularisation is shared), keyed by the input: C_eps, and per Linear
+    W C_eps and the Gram's eigh."""
     costs: dict[str, float] = {}
-    for layer in layers:
-        out_features, in_features = specs(layer)
+    for layer, (out_features, in_features) in shapes.items():
         key = stats.input_of[layer]
         costs[key] = costs.get(key, float(in_features) ** 3) + out_features * in_features**2 + min(out_features, in_features) ** 3
     return costs
@@ -148,8 +154,8 @@ def purify_causal_lm_checkpoints(
                     check(task, stats[task])
                 layers = purifiable_layers(stats)
                 first = stats[group[0]]
-                owner = balance(_unit_costs(layers, first, lambda layer: tensor_spec(weights[group[0]], names[group[0]][f"{layer}.weight"])[0]),
-                                world_size)
+                shapes = {layer: tensor_spec(weights[group[0]], names[group[0]][f"{layer}.weight"])[0] for layer in layers}
+                owner = balance(_unit_costs(shapes, first), world_size)
                 mine = [layer for layer in layers if owner[first.input_of[layer]] == rank]
                 layer_weights = {task: {layer: weights[task][names[task][f"{layer}.weight"]] for layer in mine} for task in group}
                 for purified in iter_purified(layer_weights, {task: _restricted(stats[task], mine) for task in group}, settings):
