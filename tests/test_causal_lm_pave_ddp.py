@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,8 +27,10 @@ TIES = {"_target_": "fusion_bench.method.TiesMergingAlgorithm", "scaling_factor"
         "merge_func": "sum"}
 DARE_TIES = {"_target_": "fusion_bench.method.DareTiesMerging", "scaling_factor": 0.7, "threshold": 20,
              "remove_keys": [], "merge_func": "sum", "sparsity_ratio": 0.5, "only_on_linear_weights": False, "rescale": True}
-RUNS = {"ta_uniform": (TA, "uniform"), "ta_per_layer": (TA, "per_layer"), "ties_uniform": (TIES, "uniform"),
-        "ties_per_layer": (TIES, "per_layer"), "dare_ties_per_layer": (DARE_TIES, "per_layer")}
+RUNS = {"ta_uniform": dict(merger=TA, allocation="uniform"), "ta_per_layer": dict(merger=TA, allocation="per_layer"),
+        "ties_uniform": dict(merger=TIES, allocation="uniform"), "ties_per_layer": dict(merger=TIES, allocation="per_layer"),
+        "dare_ties_per_layer": dict(merger=DARE_TIES, allocation="per_layer"),  # DARE on the purified task vectors
+        "dare_then_ties": dict(merger=TIES, allocation="uniform", dare={"sparsity_ratio": 0.5})}  # DARE before purifying
 # ~20 KB shards: several per rank
 SETTINGS = dict(rho=0.75, num_samples=8, batch_size=4, num_rows=None, max_length=32, eps0=0.01, max_shard_gb=2e-5)
 TASKS = ["sentiment", "topic", "weather"]
@@ -43,8 +46,7 @@ def tiny_pool(zoo: Path) -> CausalLMPool:
 
 def run(name: str, zoo: Path, out: Path, fabric=None, **kwargs) -> dict:
     """PAVECausalLM of ``RUNS[name]`` into ``out / name``; its extras."""
-    merger, allocation = RUNS[name]
-    algo = PAVECausalLM(merger=merger, allocation=allocation, output_path=str(out / name), **{**SETTINGS, **kwargs})
+    algo = PAVECausalLM(output_path=str(out / name), **{**SETTINGS, **RUNS[name], **kwargs})
     if fabric is not None:
         algo.fabric = fabric
     algo.run(tiny_pool(zoo))
@@ -60,7 +62,9 @@ SCRIPT = textwrap.dedent(
     import fusion_bench_pave.pave.causal_lm_purification as purification
     import fusion_bench_pave.merging.stream as stream
     import fusion_bench_pave.pave.task_statistics as task_statistics
-    from test_causal_lm_pave_ddp import RUNS, run
+    from fusion_bench_pave.io.safetensors import LazyTensors
+    from fusion_bench_pave.pave.causal_lm_algorithm import PAVECausalLM
+    from test_causal_lm_pave_ddp import RUNS, SETTINGS, run, tiny_pool
 
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
     fabric.launch()
@@ -85,6 +89,14 @@ SCRIPT = textwrap.dedent(
         purification.iter_purified = recorded if name == "ta_uniform" else purify
         report["extras"][name] = run(name, zoo, out, fabric)
     purification.iter_purified = purify
+    # no output_path: rank 0's temporary directory under scratch_dir, shared, loaded by every rank, removed
+    (out / "scratch").mkdir(exist_ok=True)
+    algo = PAVECausalLM(output_path=None, scratch_dir=str(out / "scratch"), **{**SETTINGS, **RUNS["ta_uniform"]})
+    algo.fabric = fabric
+    merged, saved = algo.run(tiny_pool(zoo)).state_dict(), LazyTensors(out / "ta_uniform")
+    report["scratch"] = all(torch.equal(merged[name], saved[name]) for name in saved)
+    fabric.barrier()
+    report["scratch_left"] = [p.name for p in (out / "scratch").iterdir()]
 
     def error_of(call):
         try:
@@ -162,6 +174,9 @@ def test_ddp_two_cpu_processes_write_the_single_process_checkpoint(tmp_path, tin
     assert list(sharded) == list(exact)
     for key in exact:
         torch.testing.assert_close(sharded[key], exact[key], rtol=1e-6, atol=1e-7)
+
+    assert [r["scratch"] for r in reports] == [True, True] and [r["scratch_left"] for r in reports] == [[], []]
+    shutil.rmtree(out / "scratch")
 
     # a failure on rank 1 fails both ranks: nothing published, no staging left, the old output unchanged
     assert reports[1]["purify_failed"] == reports[1]["merge_failed"] == "RuntimeError: injected failure"
