@@ -34,8 +34,9 @@ def gather(fabric: Any | None, value: Any) -> list[Any]:
 
 
 def checked_sum(fabric: Any | None, compute: Callable[[], Tensor], what: str) -> Tensor:
-    """``compute()`` on every rank, summed over the ranks (exact for integer tensors); if it failed on
-    any rank, every rank raises (``raise_if_any_failed``) instead of waiting in the sum."""
+    """``compute()`` on every rank, summed over the ranks (exact for integer tensors; summed on the
+    fabric's device, returned on the value's); if it failed on any rank, every rank raises
+    (``raise_if_any_failed``) instead of waiting in the sum."""
     value, error = None, None
     try:
         value = compute()
@@ -44,7 +45,7 @@ def checked_sum(fabric: Any | None, compute: Callable[[], Tensor], what: str) ->
     raise_if_any_failed(fabric, error, what)
     if rank_and_size(fabric)[1] == 1:
         return value
-    return fabric.all_reduce(value.clone(), reduce_op="sum")
+    return fabric.all_reduce(value.to(fabric.device, copy=True), reduce_op="sum").to(value.device)
 
 
 def balance(costs: Mapping[K, float], world_size: int) -> dict[K, int]:

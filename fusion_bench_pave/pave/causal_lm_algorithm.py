@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -92,7 +93,8 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
                 rho 4089/4096, uniform allocation, eps0 0.01, eps_tol 1e-2, the first 512 token rows of one
                 text padded to 512 (padding counted). allocation: uniform or per_layer only.
             model_dtype: dtype the weights are used in for the statistics (None: as stored).
-            device: where the statistics are collected (the purification and merge run on the CPU).
+            device: where the statistics are collected (the purification and merge run on the CPU);
+                under multi-GPU DDP, cuda is each rank's own GPU.
             output_path: directory of the merged checkpoint (refused if it exists, unless `overwrite`);
                 None: a temporary directory, removed once the model is loaded from it. Under DDP it, and
                 `scratch_dir`, must be on a filesystem every rank sees.
@@ -108,6 +110,14 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     def purification(self) -> PurifySettings:
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
+
+    @property
+    def statistics_device(self) -> torch.device:
+        """``device``; under multi-GPU DDP a CUDA device means each rank's own GPU."""
+        device = torch.device(self.device)
+        if self.fabric.world_size > 1 and device.type == self.fabric.device.type == "cuda":
+            return self.fabric.device
+        return device
 
     def checkpoints(self, modelpool: Any) -> dict[str, Path]:
         """Each pool entry's safetensors directory; ValueError naming the entry otherwise."""
@@ -153,7 +163,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
             result = pave_merge_causal_lm_checkpoints(
                 dirs["_pretrained_"], {task: dirs[task] for task in tasks}, out, method, batches, self.purification,
                 collection=StreamedCollection(collection.includes, DTYPES[self.accumulate_dtype], self.num_rows,
-                                              parse_dtype(self.model_dtype), self.device),
+                                              parse_dtype(self.model_dtype), self.statistics_device),
                 check=lambda task, stats: check_statistics(task, stats, collection), dare=dare, merge_dare=merge_dare,
                 scratch_dir=self.scratch_dir, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite,
                 progress=self.fabric.is_global_zero, fabric=self.fabric)

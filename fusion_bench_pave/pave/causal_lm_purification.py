@@ -59,7 +59,7 @@ class StreamedCollection:
     dtype: torch.dtype = torch.float64
     max_rows: Optional[int] = None
     model_dtype: Optional[torch.dtype] = None
-    device: str = "cpu"
+    device: str | torch.device = "cpu"
 
 
 @dataclass
@@ -127,8 +127,9 @@ def purify_causal_lm_checkpoints(
     groups = [[task] for task in tasks] if settings.allocation == "uniform" else [tasks]
     result = PurifiedCheckpoints({}, {task: {} for task in tasks}, {})
 
-    def reduced(part: CovarianceStats) -> CovarianceStats:
-        return part if world_size == 1 else part.all_reduce(lambda t: fabric.all_reduce(t, reduce_op="sum"))
+    def reduced(part: CovarianceStats) -> CovarianceStats:  # summed on the fabric's device (NCCL: the GPU)
+        return part if world_size == 1 else part.all_reduce(
+            lambda t: fabric.all_reduce(t.to(fabric.device), reduce_op="sum").to(t.device))
 
     for group in groups:
         names = {task: stored_names(model, weights[task], f"task '{task}'") for task in group}
