@@ -68,13 +68,15 @@ def shared_atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, f
 
 
 @contextmanager
-def shared_temporary_dir(fabric: Any | None = None) -> Iterator[Path]:
-    """A temporary directory every rank uses, removed (by rank 0) when all ranks have left the block."""
+def shared_temporary_dir(fabric: Any | None = None, prefix: str | None = None,
+                         dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A temporary directory (``tempfile``'s ``prefix`` and ``dir``) every rank uses, removed (by rank 0)
+    when all ranks have left the block."""
     if rank_and_size(fabric)[1] == 1:
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=dir) as scratch:
             yield Path(scratch)
         return
-    scratch = _shared_dir(fabric, tempfile.mkdtemp)
+    scratch = _shared_dir(fabric, lambda: tempfile.mkdtemp(prefix=prefix, dir=dir))
     try:
         yield scratch
     finally:

@@ -8,6 +8,11 @@ and restarts identically for every pass. Task Arithmetic needs one pass; TIES ne
 digit of the dtype to find each task's exact magnitude threshold (``kth_magnitude``), one to count
 the sign votes, and one to merge. Only one tensor's pretrained, fine-tuned and task-vector copies are
 in memory at a time.
+
+Several processes can share a merge (``Share``): each reads its own tensors in TIES's whole-model
+passes and the integer counts those passes make (magnitude histograms, sign votes) are summed over
+the processes, so the thresholds and the majority sign are exactly those of one process; each then
+merges the tensors it writes (``take``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fusion_bench_pave.merging.dare import random_drop, task_generator_states
+from fusion_bench_pave.merging.dare import random_drop, skip_draws, task_generator_states
 from fusion_bench_pave.merging.kth_magnitude import KthMagnitude
 from fusion_bench_pave.merging.task_arithmetic import task_arithmetic
 from fusion_bench_pave.merging.ties import MERGE_FUNCS, MergeFunc, keep_fraction, majority_sign, sign_votes, ties_merge, trim, trim_rank
@@ -79,6 +84,21 @@ class MergePlan:
     drawn: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class Share:
+    """One process's part of a merge run by several. ``owns(name)``: whether this process reads the
+    tensor in TIES's whole-model passes (the processes' sets partition the plan); ``total(compute,
+    what)``: this process's integer counts ``compute()`` summed over the processes (exact), raising on
+    every process if ``compute`` failed on any."""
+
+    owns: Callable[[str], bool]
+    total: Callable[[Callable[[], Tensor], str], Tensor]
+
+
+#: a merge run by one process
+ALONE = Share(lambda name: True, lambda compute, what: compute())
+
+
 def tensor_spec(tensors: Mapping[str, Tensor], name: str) -> tuple[torch.Size, torch.dtype]:
     """Shape and dtype of ``tensors[name]``, from the file header when the mapping offers ``spec``."""
     if hasattr(tensors, "spec"):
@@ -129,10 +149,17 @@ class TaskVectorStream:
     def dtypes(self) -> set[torch.dtype]:
         return {dtype for _, dtype in self.specs.values()}
 
-    def vectors(self, desc: str, progress: bool = True) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
-        """One pass: (name, pretrained tensor, task vectors) for every tensor of the plan."""
+    def vectors(self, desc: str, progress: bool = True, take: Callable[[str], bool] | None = None
+                ) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
+        """One pass: (name, pretrained tensor, task vectors) for every tensor of the plan that ``take``
+        (asked once per tensor, in order) accepts; the others are not read (DARE skips their draws)."""
         generators = [torch.Generator().set_state(state) for state in self._states]
         for name in tqdm(self.plan.order, desc=desc, disable=not progress, dynamic_ncols=True):
+            if take is not None and not take(name):
+                if self.dare is not None and name in self.plan.drawn:
+                    for generator in generators:
+                        skip_draws(generator, [(self.specs[name][0].numel(), self.specs[name][1])])
+                continue
             pretrained = self.pretrained[name]
             vectors = []
             for t, tensors in enumerate(self.finetuned):
@@ -145,9 +172,10 @@ class TaskVectorStream:
             yield name, pretrained, vectors
 
 
-def ties_thresholds(stream: TaskVectorStream, threshold: float, progress: bool = True) -> Tensor:
+def ties_thresholds(stream: TaskVectorStream, threshold: float, progress: bool = True, share: Share = ALONE) -> Tensor:
     """Each task's magnitude threshold over the whole model ([T]): FusionBench's ``kthvalue`` over the
-    flattened task vector, found exactly in one pass per 16-bit digit of the dtype."""
+    flattened task vector, found exactly in one pass per 16-bit digit of the dtype (each process
+    histograms its share of the tensors; the histograms are summed)."""
     if len(stream.dtypes) != 1:
         raise ValueError("TIES flattens the whole model into one vector; its tensors must share one dtype, "
                          f"found {sorted(map(str, stream.dtypes))}")
@@ -157,27 +185,36 @@ def ties_thresholds(stream: TaskVectorStream, threshold: float, progress: bool =
     selectors = [KthMagnitude(dtype) for _ in stream.finetuned]
     digits = dtype.itemsize // 2
     for digit in range(digits):
-        for name, _, vectors in stream.vectors(f"TIES thresholds, pass {digit + 1}/{digits + 2}", progress):
-            for selector, vector in zip(selectors, vectors):
-                for _ in range(multiplicity[name]):
-                    selector.add(vector)
-        for selector in selectors:
+        def histograms(digit: int = digit) -> Tensor:
+            for name, _, vectors in stream.vectors(f"TIES thresholds, pass {digit + 1}/{digits + 2}", progress, share.owns):
+                for selector, vector in zip(selectors, vectors):
+                    for _ in range(multiplicity[name]):
+                        selector.add(vector)
+            return torch.stack([selector.histogram for selector in selectors])
+
+        for selector, histogram in zip(selectors, share.total(histograms, "TIES thresholds")):
+            selector.histogram.copy_(histogram)
             selector.end_pass(rank)
     return torch.stack([selector.value for selector in selectors])
 
 
-def merged_tensors(stream: TaskVectorStream, method: TaskArithmetic | Ties,
-                   progress: bool = True) -> Iterator[tuple[str, Tensor]]:
-    """Yield (name, merged tensor) for every tensor of the stream's plan, in its order."""
+def merged_tensors(stream: TaskVectorStream, method: TaskArithmetic | Ties, progress: bool = True,
+                   take: Callable[[str], bool] | None = None, share: Share = ALONE) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, merged tensor) for every tensor of the stream's plan that ``take`` accepts (asked
+    once per tensor, in order; None: all), in its order; TIES's whole-model passes run on ``share``."""
     if isinstance(method, TaskArithmetic):
-        for name, pretrained, vectors in stream.vectors("Task Arithmetic", progress):
+        for name, pretrained, vectors in stream.vectors("Task Arithmetic", progress, take):
             yield name, task_arithmetic(pretrained, vectors, method.scaling_factor)
         return
-    thresholds = ties_thresholds(stream, method.threshold, progress)
+    thresholds = ties_thresholds(stream, method.threshold, progress, share)
     passes = thresholds.dtype.itemsize // 2 + 2
-    votes = 0
-    for name, _, vectors in stream.vectors(f"TIES sign votes, pass {passes - 1}/{passes}", progress):
-        votes += sign_votes(trim(vectors, thresholds)) * stream.plan.multiplicity[name]
-    majority = majority_sign(votes)
-    for name, pretrained, vectors in stream.vectors(f"TIES merge, pass {passes}/{passes}", progress):
+
+    def votes() -> Tensor:
+        total = 0
+        for name, _, vectors in stream.vectors(f"TIES sign votes, pass {passes - 1}/{passes}", progress, share.owns):
+            total += sign_votes(trim(vectors, thresholds)) * stream.plan.multiplicity[name]
+        return torch.tensor(total, dtype=torch.int64)
+
+    majority = majority_sign(int(share.total(votes, "TIES sign votes")))
+    for name, pretrained, vectors in stream.vectors(f"TIES merge, pass {passes}/{passes}", progress, take):
         yield name, ties_merge(pretrained, trim(vectors, thresholds), majority, method.scaling_factor, method.merge_func)

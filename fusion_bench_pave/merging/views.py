@@ -3,7 +3,8 @@
 ``DaredWeights``: a fine-tuned checkpoint after DARE on its raw deltas, theta_pre + drop(theta_ft -
 theta_pre), as PAVE applies DARE before purifying (``pave.models.dare_``: the drop's generator seeded
 once, task after task, tensor after tensor in the plan's order). ``Overlay``: a checkpoint with some
-tensors replaced (PAVE's purified Linear weights over the fine-tuned checkpoint).
+tensors replaced (PAVE's purified Linear weights over the fine-tuned checkpoint). ``Combined``:
+checkpoints with disjoint names read as one (the purified weights each rank of a distributed run wrote).
 """
 
 from __future__ import annotations
@@ -83,3 +84,37 @@ class Overlay(_View):
 
     def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
         return tensor_spec(self.source(name), name)
+
+
+class Combined(Mapping[str, Tensor]):
+    """The tensors of ``parts`` (disjoint names) as one mapping, in the parts' order."""
+
+    def __init__(self, parts: list[Mapping[str, Tensor]]) -> None:
+        self.parts = parts
+        self._part: dict[str, Mapping[str, Tensor]] = {}
+        for part in parts:
+            for name in part:
+                if name in self._part:
+                    raise ValueError(f"tensor {name!r} is in two of the combined checkpoints")
+                self._part[name] = part
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._part[name][name]
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        return tensor_spec(self._part[name], name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._part
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._part)
+
+    def __len__(self) -> int:
+        return len(self._part)
+
+    def close(self) -> None:
+        """Close the parts that can be closed (``LazyTensors``)."""
+        for part in self.parts:
+            if hasattr(part, "close"):
+                part.close()

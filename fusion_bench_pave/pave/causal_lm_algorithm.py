@@ -5,10 +5,10 @@ safetensors directory, and returns the merged model loaded from it."""
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -20,6 +20,7 @@ from fusion_bench.utils.dtype import parse_dtype
 from fusion_bench_pave.arguments import constructor_arguments, reject_unknown_keys
 from fusion_bench_pave.causal_lm_skeleton import meta_causal_lm
 from fusion_bench_pave.io.atomic import refuse_replacing_dir
+from fusion_bench_pave.io.shared_output import shared_temporary_dir
 from fusion_bench_pave.merging.fusion_bench_methods import streamed_merger
 from fusion_bench_pave.merging.stream import Dare
 from fusion_bench_pave.modelpool.checkpoints import safetensors_checkpoint_dir
@@ -46,7 +47,9 @@ ARCHITECTURES = ("mistral", "llama", "qwen2")
 @auto_register_config
 class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     """PAVE + a streamed merger (TA, TIES, DARE-TA, DARE-TIES) of Mistral / Llama / Qwen2 checkpoints,
-    one decoder layer at a time. The defaults are the official LLM protocol (Llama-2-7B math+code)."""
+    one decoder layer at a time. The defaults are the official LLM protocol (Llama-2-7B math+code).
+    Under Fabric DDP (``num_rows: null``, ``num_samples`` of at least one batch per rank) the ranks share
+    the calibration batches, the purification and the merge (``causal_lm_purification``)."""
 
     purify_attention = False  # these decoders' attention is plain Linears (no nn.MultiheadAttention)
 
@@ -90,9 +93,11 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
                 rho 4089/4096, uniform allocation, eps0 0.01, eps_tol 1e-2, the first 512 token rows of one
                 text padded to 512 (padding counted). allocation: uniform or per_layer only.
             model_dtype: dtype the weights are used in for the statistics (None: as stored).
-            device: where the statistics are collected (the purification and merge run on the CPU).
+            device: where the statistics are collected (the purification and merge run on the CPU);
+                under multi-GPU DDP, cuda is each rank's own GPU.
             output_path: directory of the merged checkpoint (refused if it exists, unless `overwrite`);
-                None: a temporary directory, removed once the model is loaded from it.
+                None: a temporary directory, removed once the model is loaded from it. Under DDP it, and
+                `scratch_dir`, must be on a filesystem every rank sees.
             scratch_dir: where the purified weights wait for the merge (a temporary directory in it,
                 removed at the end; as large as the purified Linear weights of all tasks). None: TMPDIR.
             max_shard_gb: shard size of the output and scratch checkpoints (the writer buffers one shard).
@@ -105,6 +110,14 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     def purification(self) -> PurifySettings:
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
                               self.eps_tol, self.relative_alpha)
+
+    @property
+    def statistics_device(self) -> torch.device:
+        """``device``; under multi-GPU DDP a CUDA device means each rank's own GPU."""
+        device = torch.device(self.device)
+        if self.fabric.world_size > 1 and device.type == self.fabric.device.type == "cuda":
+            return self.fabric.device
+        return device
 
     def checkpoints(self, modelpool: Any) -> dict[str, Path]:
         """Each pool entry's safetensors directory; ValueError naming the entry otherwise."""
@@ -145,15 +158,15 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
         batches = {task: statistics.batches(task, skeleton, statistics.dataset(task)) for task in purified}
         dare = Dare(self.dare["sparsity_ratio"], self.dare.get("rescale", True), self.dare.get("only_on_linear_weights", False),
                     self.seed) if self.dare else None
-        with tempfile.TemporaryDirectory(prefix="pave-merged-", dir=self.scratch_dir) as scratch:
+        with shared_temporary_dir(self.fabric, prefix="pave-merged-", dir=self.scratch_dir) as scratch:
             out = self.output_path or Path(scratch) / "merged"
             result = pave_merge_causal_lm_checkpoints(
                 dirs["_pretrained_"], {task: dirs[task] for task in tasks}, out, method, batches, self.purification,
                 collection=StreamedCollection(collection.includes, DTYPES[self.accumulate_dtype], self.num_rows,
-                                              parse_dtype(self.model_dtype), self.device),
+                                              parse_dtype(self.model_dtype), self.statistics_device),
                 check=lambda task, stats: check_statistics(task, stats, collection), dare=dare, merge_dare=merge_dare,
                 scratch_dir=self.scratch_dir, max_shard_bytes=int(self.max_shard_gb * 2**30), overwrite=self.overwrite,
-                progress=self.fabric.is_global_zero)
+                progress=self.fabric.is_global_zero, fabric=self.fabric)
             merged = AutoModelForCausalLM.from_pretrained(out).eval()
         total = sum(result.full_ranks.values())
         self.extras = {"ranks": result.ranks, "full_ranks": result.full_ranks,
