@@ -4,8 +4,8 @@ is written beside the paper's, in ``results.md`` and ``results.json``.
 
 The paper's figures are only those our design notes (../shared/design/PAVE.md, SMILE.md) give;
 every other cell says "not available to us". ``--replica`` runs the same presets on tiny offline
-replicas (hub ids swapped by CLI overrides), which tests the machinery, not the paper: a family
-without a replica is listed as not run.
+replicas (hub ids swapped by CLI overrides: reference/tiny_glue.py, reference/paper_replicas.py), which
+tests the machinery, not the paper: a family without a replica is listed as not run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from fusion_bench_pave.io.atomic import atomic_write_text
 from fusion_bench_pave.summarize import evaluation, load_jobs, logged_error
@@ -37,9 +38,13 @@ class PaperRow:
 
 
 GLUE_RB, GLUE_G2 = "RoBERTa-base GLUE (8 tasks, validation)", "GPT-2 GLUE (7 tasks; no paper table known to us)"
-TA8_B32, TA8_L14 = "CLIP ViT-B/32, 8 tasks", "CLIP ViT-L/14, 8 tasks"
+TA8_B32, TA8_B16, TA8_L14 = "CLIP ViT-B/32, 8 tasks", "CLIP ViT-B/16, 8 tasks", "CLIP ViT-L/14, 8 tasks"
+# the CLIP presets of every architecture: one process (its pools differ only in the hub ids), one replica;
+# --only <presets> --set <override> sets one architecture apart (e.g. ViT-L/14's num_rows=1024)
+CLIP = "clip-vit_ta8"
+LLM = "LLM math+code, GSM8K (paper: Llama-2-7B fine-tunes; here Qwen2.5-7B, -Math, -Coder)"
 
-#: paper -> its table rows, in table order (the lead adds the CLIP, open_clip and LLM presets' rows)
+#: paper -> its table rows, in table order (the rows of one family together: a family runs as one process)
 PAPERS: dict[str, list[PaperRow]] = {
     "pave": [
         PaperRow("pave_ta_roberta-base_glue", "roberta-base_glue", GLUE_RB, "Task Arithmetic + PAVE", "score"),
@@ -55,17 +60,24 @@ PAPERS: dict[str, list[PaperRow]] = {
         PaperRow("pave_emr_gpt-2_glue", "gpt-2_glue", GLUE_G2, "EMR-Merging + PAVE (sst2, qqp, mnli purified)", "score"),
         PaperRow("pave_emr_gpt-2_glue_all_tasks", "gpt-2_glue", GLUE_G2,
                  "EMR-Merging + PAVE, every task purified (variant)", "score"),
-        PaperRow("pave_emr_clip-vit-b32_ta8", "clip-vit-b32_ta8", TA8_B32, "EMR-Merging + PAVE", "accuracy"),
-        PaperRow("pave_emr_clip-vit-l14_ta8", "clip-vit-l14_ta8", TA8_L14, "EMR-Merging + PAVE", "accuracy"),
+        *[PaperRow(f"pave_{method}_clip-vit-{arch}_ta8{suffix}", CLIP, table,
+                   f"{name} + PAVE{note}", "accuracy")
+          for arch, table in (("b32", TA8_B32), ("b16", TA8_B16), ("l14", TA8_L14))
+          for suffix, note in (("", " (official: test-split calibration)"),
+                               ("_train", ", train-split calibration (variant, not a paper row)"))
+          for method, name in (("ta", "Task Arithmetic"), ("ties", "TIES-Merging"), ("emr", "EMR-Merging"))],
+        # lm-eval writes GSM8K's score to its own output, not to FusionBench's report
+        PaperRow("pave_ta_qwen2.5-7b_math_code", "qwen2.5-7b_math_code", LLM,
+                 "Task Arithmetic + PAVE (lambda 1.0, rho 4089/4096)", None),
     ],
     "smile": [
-        PaperRow("smile_clip-vit-b32_ta8", "clip-vit-b32_ta8", TA8_B32, "SMILE gate_k 16, k 32, top-1", "accuracy",
+        PaperRow("smile_clip-vit-b32_ta8", CLIP, TA8_B32, "SMILE gate_k 16, k 32, top-1", "accuracy",
                  "88.18 (1.61x parameters)"),
-        PaperRow("smile_clip-vit-l14_ta8", "clip-vit-l14_ta8", TA8_L14, "SMILE gate_k 16, k 32, top-1", "accuracy",
+        PaperRow("smile_clip-vit-l14_ta8", CLIP, TA8_L14, "SMILE gate_k 16, k 32, top-1", "accuracy",
                  "92.82 (1.47x parameters)"),
         PaperRow("smile_flan-t5-base_glue", "flan-t5-base_glue", "Flan-T5-base GLUE, full fine-tuning",
                  "SMILE gate_k 4, k 16, top-1", "accuracy", "85.0-85.6 (range over gate_k 4..32, k 16..128)"),
-        PaperRow("smile_flan-t5-base_glue_lora16", "flan-t5-base_glue", "Flan-T5-base GLUE, LoRA-16",
+        PaperRow("smile_flan-t5-base_glue_lora16", "flan-t5-base_glue_lora16", "Flan-T5-base GLUE, LoRA-16",
                  "SMILE gate_k 2, k 4, top-1", "accuracy", "~84.0 (1.018x parameters)"),
         # lm-eval writes GSM8K's score to its own output, not to FusionBench's report
         PaperRow("smile_mistral-7b_m0_123", "mistral-7b", "Mistral-7B, GSM8K", "SMILE M0;123, rank_of_expert 512", None),
@@ -73,25 +85,54 @@ PAPERS: dict[str, list[PaperRow]] = {
 }
 
 
-def replica_glue(kind: str) -> Callable[[Path], list[str]]:
-    """Builder of the GLUE replica ``kind`` (reference/tiny_glue.py): its CLI overrides. Train splits
-    of 512 rows, so the presets' own calibration settings (512 samples, 4096 rows) run unchanged."""
+@dataclass(frozen=True)
+class Replica:
+    """A family's tiny offline replica: ``build(directory, cfg)`` writes what it needs under ``directory``
+    and returns the CLI overrides that swap the hub ids of a preset of the family (composed ``cfg``) for
+    it; ``metric``: the replica task pool's metric where it replaces the preset's (lm-eval needs the hub)."""
 
-    def build(root: Path) -> list[str]:
+    build: Callable[[Path, Any], list[str]]
+    metric: str | None = None
+
+
+def replica_glue(kind: str) -> Replica:
+    """The GLUE replica ``kind`` (reference/tiny_glue.py). Train splits of 512 rows, so the presets' own
+    calibration settings (512 samples, 4096 rows) run unchanged."""
+
+    def build(root: Path, cfg) -> list[str]:
         from reference import tiny_glue
 
         paths = getattr(tiny_glue, f"build_{kind}_glue")(root, train_rows=512)
         return [f"++modelpool.pretrained_model_name_or_path={paths['pretrained']}",
                 f"++modelpool.finetuned_prefix={paths['finetuned']}/", f"++modelpool.glue={paths['glue']}"]
 
-    return build
+    return Replica(build)
 
 
-#: family -> builder of its tiny offline replica (writes it under a directory, returns the CLI overrides
-#: that swap the preset's hub ids for it)
-REPLICAS: dict[str, Callable[[Path], list[str]]] = {
+def replica_zoo(kind: str, overrides: str, metric: str | None = None) -> Replica:
+    """A replica over the tiny ``kind`` zoo (fusion_bench_pave.assets.tiny, built once in the cache):
+    ``reference.paper_replicas.<overrides>`` gives its overrides (reference/paper_replicas.py)."""
+
+    def build(root: Path, cfg) -> list[str]:
+        from fusion_bench_pave.assets import ensure_zoo
+        from reference import paper_replicas
+
+        make = getattr(paper_replicas, overrides)
+        zoo = ensure_zoo(f"tiny_{kind}")
+        return make(zoo, cfg) if kind == "clip" else make(zoo, root, cfg)
+
+    return Replica(build, metric)
+
+
+#: family -> its tiny offline replica
+REPLICAS: dict[str, Replica] = {
     "roberta-base_glue": replica_glue("roberta"),
     "gpt-2_glue": replica_glue("gpt2"),
+    CLIP: replica_zoo("clip", "clip_overrides"),
+    "flan-t5-base_glue": replica_zoo("t5", "flan_t5_overrides"),
+    "flan-t5-base_glue_lora16": replica_zoo("t5", "flan_t5_overrides"),
+    "mistral-7b": replica_zoo("mistral", "causal_lm_overrides", metric="accuracy"),
+    "qwen2.5-7b_math_code": replica_zoo("mistral", "causal_lm_overrides", metric="accuracy"),
 }
 
 
@@ -105,13 +146,18 @@ def mean_over_tasks(report: dict, metric: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def log_of(sweep: Path) -> Path:
+    """``<sweep>.log`` (a family's name may hold dots: qwen2.5-7b_math_code)."""
+    return sweep.parent / f"{sweep.name}.log"
+
+
 def run_family(presets: list[str], overrides: list[str], sweep: Path) -> subprocess.CompletedProcess:
     """``fusion_bench -m +preset=<presets> <overrides>`` with its jobs under ``sweep``; output in ``<sweep>.log``."""
     exe = Path(sys.executable).with_name("fusion_bench")
     command = [str(exe), "-m", f"+preset={','.join(presets)}", *overrides, f"hydra.sweep.dir={sweep}",
                "print_config=false"]
     proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
-    atomic_write_text(sweep.with_suffix(".log"), f"$ {' '.join(command)}\n{proc.stdout}\n{proc.stderr}")
+    atomic_write_text(log_of(sweep), f"$ {' '.join(command)}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -124,19 +170,20 @@ def job_of(sweep: Path, preset: str) -> Path | None:
     return None
 
 
-def measure(rows: list[PaperRow], sweep: Path, proc: subprocess.CompletedProcess) -> list[dict]:
-    """One result per row: the measured figure (percent) from its job's report, or why there is none."""
+def measure(rows: list[PaperRow], sweep: Path, proc: subprocess.CompletedProcess, metric: str | None = None) -> list[dict]:
+    """One result per row: the measured figure (percent) from its job's report, or why there is none.
+    ``metric``: the replica task pool's metric, read instead of the rows' own."""
     jobs = {job.overrides.get("+preset"): job for job in (load_jobs(sweep)[0] if sweep.is_dir() else [])}
     results = []
     for row in rows:
-        result = {**asdict(row), "paper": row.figure or NOT_AVAILABLE}
+        result = {**asdict(row), "paper": row.figure or NOT_AVAILABLE, **({"metric": metric} if metric else {})}
         job = jobs.get(row.preset)
         if job is None:
             job_dir = job_of(sweep, row.preset)
             why = logged_error(job_dir) if job_dir else f"fusion_bench exited {proc.returncode} before this job"
-            results.append({**result, "error": f"no report: {why} (log: {sweep.with_suffix('.log')})"})
+            results.append({**result, "error": f"no report: {why} (log: {log_of(sweep)})"})
             continue
-        value = mean_over_tasks(job.report, row.metric) if row.metric else None
+        value = mean_over_tasks(job.report, result["metric"]) if result["metric"] else None
         results.append({**result, "job_dir": str(sweep / job.name), "report": job.report,
                         "measured": None if value is None else 100 * value})
     return results
@@ -192,6 +239,8 @@ def reproduce_paper(paper: str, out: Path, replica: bool = False, only: list[str
     if taken:
         raise FileExistsError(f"{taken} hold an earlier run; remove them or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    from benchmarks.reproduce import compose  # (reproduce imports this module)
+
     results: list[dict] = []
     for family in families:
         members = [r for r in rows if r.family == family]
@@ -200,12 +249,14 @@ def reproduce_paper(paper: str, out: Path, replica: bool = False, only: list[str
                         for r in members]
             continue
         overrides = family_settings(settings or [], family)
+        cfg = compose([f"+preset={members[0].preset}"])  # a family's presets share one pool layout and method class
         if replica:
-            overrides = [*REPLICAS[family](out / "replicas" / family), *overrides]
-        if all(r.preset.startswith("pave_") for r in members):  # statistics collected once for the family
-            overrides.append(f"++method.cache_dir={out / 'cache' / family}")
+            overrides = [*REPLICAS[family].build(out / "replicas" / family, cfg), *overrides]
+        if "cache_dir" in cfg.method and all(r.preset.startswith("pave_") for r in members):
+            overrides.append(f"++method.cache_dir={out / 'cache' / family}")  # statistics collected once for the family
         sweep = out / "runs" / family
-        results += measure(members, sweep, run_family([r.preset for r in members], overrides, sweep))
+        metric = REPLICAS[family].metric if replica else None
+        results += measure(members, sweep, run_family([r.preset for r in members], overrides, sweep), metric)
     summary = {"paper": paper, "replica": replica, "rows": results}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "results.md", markdown(paper, replica, results))

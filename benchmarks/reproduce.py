@@ -18,6 +18,7 @@ evaluated once on the test task pool. Writes ``results.json``, ``results.md`` an
     python -m benchmarks.reproduce --paper pave \
         --set roberta-base_glue:modelpool.finetuned_prefix=/data/roberta-glue/   # needs the hub
     python -m benchmarks.reproduce --paper pave --replica   # the same presets on tiny offline replicas
+    python -m benchmarks.reproduce --paper smile --replica  # every SMILE preset, likewise
     # the GLUE-protocol zoo over its fine-tuning seeds, PAVE under the official protocol at the paper's rho
     python -m benchmarks.reproduce --zoo minilm_glue_s0 minilm_glue_s1 minilm_glue_s2 --official \
         --only task_arithmetic ties_merging dare/ties_merging emr_merging/emr_merging --out benchmarks/results/minilm_glue

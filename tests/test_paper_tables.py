@@ -1,6 +1,8 @@
-"""`benchmarks/reproduce.py --paper`: every GLUE preset of the PAVE paper runs end to end through the
-``fusion_bench`` CLI on the tiny offline replicas (reference/tiny_glue.py; hub ids swapped by overrides,
-the presets' own settings unchanged), and the table puts the paper's figure beside the measured one."""
+"""`benchmarks/reproduce.py --paper`: every GLUE preset of the PAVE paper and every SMILE preset runs end
+to end through the ``fusion_bench`` CLI on the tiny offline replicas (reference/tiny_glue.py,
+reference/paper_replicas.py; hub ids swapped by overrides, the presets' own settings unchanged), and the
+table puts the paper's figure beside the measured one. The PAVE CLIP and LLM presets run the same way in
+tests/test_presets_clip_run.py."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, child_pythonpath
+from conftest import REPO_ROOT, child_pythonpath, compose_fusion_bench
 from test_presets import GLUE_METHODS, GLUE_PRESETS, GLUE_SUBSET
 
-from benchmarks.paper_tables import NOT_AVAILABLE, PAPERS, family_settings, reproduce_paper
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, CLIPVisionModel
+
+from benchmarks import paper_tables
+from benchmarks.paper_tables import NOT_AVAILABLE, PAPERS, REPLICAS, family_settings, reproduce_paper
 from reference.tiny_glue import GLUE, GPT2_GLUE
 
 RHO = {method: settings["rho"] for method, (_, settings) in GLUE_METHODS.items()}
@@ -82,7 +87,47 @@ def test_pave_table_runs_every_glue_preset_on_the_replicas(tmp_path):
     assert "REPLICAS" in table
 
 
-def test_a_family_without_a_replica_is_listed_not_run_and_keeps_the_papers_figures(tmp_path):
+@pytest.mark.slow
+def test_smile_table_runs_every_smile_preset_on_the_replicas(tmp_path, tiny_zoo):
+    """CLIP on the tiny CLIP zoo, Flan-T5 (full and LoRA-16 pools) on the tiny T5 zoo with FusionBench's own
+    Flan-T5 GLUE task pool, Mistral on the tiny Mistral zoo: each SMILE preset upscales and is evaluated."""
+    zoos = {kind: tiny_zoo(kind) for kind in ("clip", "t5", "mistral")}  # built in the session's cache, which the child reads
+    out = tmp_path / "table"
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--paper", "smile", "--replica", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["preset"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert list(rows) == [r.preset for r in PAPERS["smile"]] and not [r for r in rows.values() if "error" in r]
+    tasks = {"clip": sorted(compose_fusion_bench(["+preset=smile_clip-vit-b32_ta8"]).taskpool.test_datasets),
+             "flan": ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"], "mistral": ["sentiment", "topic", "weather"]}
+    dense = {"clip": CLIPVisionModel.from_pretrained(zoos["clip"] / "pretrained"),
+             "flan": AutoModelForSeq2SeqLM.from_pretrained(zoos["t5"] / "pretrained"),
+             "mistral": AutoModelForCausalLM.from_pretrained(zoos["mistral"] / "pretrained")}
+    growth = {}
+    for preset, row in rows.items():
+        family = next(f for f in tasks if f in preset)
+        job = Path(row["job_dir"])
+        assert yaml.safe_load((job / "overrides.yaml").read_text())[0] == f"+preset={preset}"
+        report = json.loads((job / "program_report.json").read_text())
+        assert sorted(k for k in report if k not in ("model_info", "average")) == sorted(tasks[family])
+        metric = {"stsb": "spearman_rho"}  # FusionBench's Flan-T5 task pool: exact-match accuracy, STS-B's Spearman rho
+        scored = [report[t]["accuracy"] for t in tasks[family] if metric.get(t) is None]
+        assert row["metric"] == "accuracy" and row["measured"] == pytest.approx(100 * sum(scored) / len(scored), rel=1e-9)
+        assert all(metric.get(t, "accuracy") in report[t] for t in tasks[family])
+        # the upscaled model: experts and routers beside the dense model's weights
+        growth[preset] = report["model_info"]["all_params"] - sum(p.numel() for p in dense[family].parameters())
+        assert growth[preset] > 0, preset
+        paper = next(r.figure for r in PAPERS["smile"] if r.preset == preset) or NOT_AVAILABLE
+        assert f"| `{preset}` | {row['table']} | {row['row']} | {paper} | {row['measured']:.2f} |" in (out / "results.md").read_text()
+    # the LoRA preset upscales only the q and v projections its adapters changed, at gate_k 2, k 4; the full
+    # fine-tuning preset every Linear at gate_k 4, k 16
+    assert growth["smile_flan-t5-base_glue_lora16"] < growth["smile_flan-t5-base_glue"] / 10
+    assert sorted(p.name for p in (out / "replicas" / "flan-t5-base_glue_lora16" / "lora").iterdir()) == ["sentiment", "topic", "weather"]
+
+
+def test_a_family_without_a_replica_is_listed_not_run_and_keeps_the_papers_figures(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper_tables, "REPLICAS", {})  # every family has one; a paper row added without one:
     summary = reproduce_paper("smile", tmp_path, replica=True)
     figures = {r["preset"]: r["paper"] for r in summary["rows"]}
     assert figures["smile_clip-vit-b32_ta8"] == "88.18 (1.61x parameters)"
@@ -92,7 +137,11 @@ def test_a_family_without_a_replica_is_listed_not_run_and_keeps_the_papers_figur
     assert not (tmp_path / "runs").exists()
     table = (tmp_path / "results.md").read_text()
     assert "| `smile_clip-vit-b32_ta8` | CLIP ViT-B/32, 8 tasks | SMILE gate_k 16, k 32, top-1 | 88.18 (1.61x parameters) | " \
-           "failed: no offline replica of clip-vit-b32_ta8 |" in table
+           "failed: no offline replica of clip-vit_ta8 |" in table
+
+
+def test_every_family_has_a_replica():
+    assert {row.family for rows in PAPERS.values() for row in rows} == set(REPLICAS)
 
 
 def test_bad_arguments_fail_before_any_run(tmp_path):

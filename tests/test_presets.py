@@ -150,6 +150,7 @@ def test_preset_composes_to_the_papers_setup(preset):
             node = node[part]
         assert node == pytest.approx(value) if isinstance(value, float) else node == value, key
     if taskpool.startswith("clip"):  # zero-shot heads from the same CLIP as the pretrained model
+        assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.CLIPVisionTaskPool"  # FusionBench's + dataset_templates
         assert cfg.taskpool.clip_model.pretrained_model_name_or_path == pretrained
         assert len(cfg.taskpool.test_datasets) == 8
     elif taskpool.startswith("flan"):
