@@ -82,13 +82,18 @@ def purify_causal_lm_checkpoints(
     check: Optional[StatisticsCheck] = None,
     max_shard_bytes: int = 2 * 2**30,
     progress: bool = True,
+    pretrained: Optional[Mapping[str, Tensor]] = None,
 ) -> PurifiedCheckpoints:
     """Purify the Linear weights of each task of ``batches``: statistics from ``checkpoints[task]`` on
     ``batches[task]``, purified tensors read from ``weights[task]`` (the checkpoint, or its DARE'd view),
-    written under ``scratch/<task>``."""
+    written under ``scratch/<task>``. ``pretrained`` (the pretrained checkpoint's tensors) is read only
+    with ``settings.purify_target == "task_vector"``, where it is required."""
     check_streamed_allocation(settings)
+    if settings.purify_target == "task_vector" and pretrained is None:
+        raise ValueError("purify_target='task_vector' needs the pretrained checkpoint's tensors")
     tasks = list(batches)
     model = meta_causal_lm(config)
+    base_names = stored_names(model, pretrained, "the pretrained checkpoint") if settings.purify_target == "task_vector" else None
     head = model.get_output_embeddings()
     head_name = next(name for name, module in model.named_modules() if module is head)
     include = collection.include or (lambda name, module: True)
@@ -112,7 +117,8 @@ def purify_causal_lm_checkpoints(
                 check(task, stats[task])
             layers = purifiable_layers(stats)
             layer_weights = {task: {layer: weights[task][names[task][f"{layer}.weight"]] for layer in layers} for task in group}
-            for purified in iter_purified(layer_weights, stats, settings):
+            base = None if base_names is None else {layer: pretrained[base_names[f"{layer}.weight"]] for layer in layers}
+            for purified in iter_purified(layer_weights, stats, settings, pretrained=base):
                 for task, weight in purified.weights.items():
                     result.ranks[task][purified.layer] = purified.ranks[task]
                     if purified.ranks[task] < purified.full_rank:
@@ -168,7 +174,7 @@ def pave_merge_causal_lm_checkpoints(
     with tempfile.TemporaryDirectory(prefix="pave-purified-", dir=scratch_dir) as scratch:
         purified = purify_causal_lm_checkpoints(
             config, {task: finetuned_paths[task] for task in batches}, dict(zip(tasks, sources)), batches, settings,
-            scratch, collection, check, max_shard_bytes, progress)
+            scratch, collection, check, max_shard_bytes, progress, pretrained)
         views = [Overlay(purified.weights[task], source) if task in batches else source for task, source in zip(tasks, sources)]
         stream = TaskVectorStream(pretrained, views, plan, merge_dare, labels=labels)
         write_merged_checkpoint(pretrained_path, stream, method, out_path, max_shard_bytes=max_shard_bytes,
