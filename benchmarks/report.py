@@ -93,7 +93,7 @@ def paired(a: list[float], b: list[float]) -> dict:
 def seed_summary(results: list[dict]) -> dict:
     """Over the runs of one zoo recipe at several fine-tuning seeds (one reproduce.py result each): every
     row measured in all runs with its test average (mean, std over seeds), its gap to the individual
-    models, and each "PAVE + X" row paired against X."""
+    models, and each "<PAVE or a variant or control> + X" row paired against X."""
     from statistics import mean, stdev
 
     by_name = [{row["name"]: row for row in r["rows"] if "error" not in row} for r in results]
@@ -106,8 +106,8 @@ def seed_summary(results: list[dict]) -> dict:
                "std": stdev(scores[name]) if len(results) > 1 else None}
         if individual is not None and name != "Individual (each on its own task)":
             row["vs_individual"] = paired(scores[name], individual)
-        base = name.removeprefix("PAVE + ")
-        if base != name and base in scores:
+        base = name.partition(" + ")[2]  # "PAVE + X", "PAVE[variant] + X", "Random control + X" against X
+        if base in scores:
             row["vs_base"] = paired(scores[name], scores[base])
         rows.append(row)
     return {"zoos": [r["zoo"] for r in results], "rows": rows}

@@ -147,19 +147,19 @@ class Bench:
         return pool.load_model(name)
 
 
-def tune(bench: Bench, method: str, grid: list[list[str]]) -> dict:
+def tune(bench: Bench, method: str, grid: list[list[str]], validate: bool = False) -> dict:
     """Merge with every override set of ``grid``, keep the best on validation, test it once
-    (a single-entry grid is tested directly)."""
+    (a single-entry grid is tested directly, and scored on validation too if ``validate``)."""
     best: dict | None = None
     trials = []
     for overrides in grid:
         model, extras, seconds = bench.merge(method, overrides)
         trial = {"overrides": overrides, "merge_seconds": seconds}
-        if len(grid) > 1:
+        if len(grid) > 1 or validate:
             trial["val_accuracy"] = bench.evaluate(model, "val")["average"]["accuracy"]
             logging.info(f"{method} {overrides}: val {trial['val_accuracy']:.4f} ({seconds:.1f}s merge)")
         trials.append(trial)
-        if best is None or trial["val_accuracy"] > best["trial"]["val_accuracy"]:
+        if best is None or len(grid) > 1 and trial["val_accuracy"] > best["trial"]["val_accuracy"]:
             best = {"trial": trial, "model": model, "extras": extras}
     test = bench.evaluate(best["model"], "test")
     kept = best["extras"].get("pave", {}).get("kept_ratio")
@@ -182,11 +182,24 @@ def own_task_row(bench: Bench, name: str, method: str, tasks: list[str], model_o
     return {"name": name, "method": method, "test": {**per_task, "average": mean, "model_info": {"all_params": params}}}
 
 
+# diagnostic (b): PAVE with its removed part replaced by random components of the same C-weighted energy
+RANDOM_CONTROL = ["method._target_=benchmarks.random_control.RandomControlPAVE"]
+
+
 def purified_alone(bench: Bench, task: str, tasks: list[str], rho: float, calibration: list[str]):
-    """``task``'s fine-tuned model purified by PAVE at ``rho`` with no other task in the pool."""
+    """``task``'s fine-tuned model purified by PAVE at ``rho`` with no other task in the pool (or by
+    the random control, if ``calibration`` holds RANDOM_CONTROL)."""
     others = [f"~modelpool.models.{t}" for t in tasks if t != task]
     model, _, _ = bench.merge("pave_ta", [*others, "method.merger.scaling_factor=1.0", f"method.rho={rho}", *calibration])
     return model
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'LABEL=key=value,key=value' -> (LABEL, ['method.key=value', ...]) (a PAVE variant of --variant)."""
+    label, _, overrides = text.partition("=")
+    if not label or not overrides:
+        raise argparse.ArgumentTypeError(f"--variant wants LABEL=key=value[,key=value...]; got {text!r}")
+    return label, [o if o.startswith("method.") else f"method.{o}" for o in overrides.split(",")]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -230,11 +243,13 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"name": name, "error": f"{type(error).__name__}: {error}"})
             return None
 
-    for rho in args.purified_alone or []:
-        # diagnostic: each task's purified model on its own (pretrained + 1.0 * purified task vector)
-        name = f"Purified alone (rho={rho:g})"
+    alone = [("Purified alone", [])] + ([("Random control alone", RANDOM_CONTROL)] if args.random_control else [])
+    for rho, (label, control) in itertools.product(args.purified_alone or [], alone):
+        # diagnostic: each task's purified model on its own (pretrained + 1.0 * purified task vector);
+        # with --random-control also its random control of the same C-weighted energy
+        name = f"{label} (rho={rho:g})"
         if (row := attempt(name, lambda: own_task_row(bench, name, "pave_ta", tasks, lambda task: purified_alone(
-                bench, task, tasks, rho, calibration)))) is not None:
+                bench, task, tasks, rho, [*calibration, *control])))) is not None:
             record(row)
 
     smile_keys = bench.names["smile"]
@@ -256,16 +271,20 @@ def run(args: argparse.Namespace) -> dict:
                     record(row)
             continue
         grid = [[f"method.scaling_factor={x}"] for x in args.lambdas] if tuned else [[]]
-        result = attempt(name, lambda: tune(bench, method, grid))
+        result = attempt(name, lambda: tune(bench, method, grid, args.validate))
         if result is None:
             continue
         record({"name": name, **result})
         if pave is None:
             continue
         merger = [o.replace("method.", "method.merger.", 1) for o in result["chosen"]]
-        pave_grid = [[*merger, *([r] if r else []), *calibration] for r in rhos]
-        if (pave_result := attempt(f"PAVE + {name}", lambda: tune(bench, pave, pave_grid))) is not None:
-            record({"name": f"PAVE + {name}", **pave_result})
+        # the paper's PAVE, each --variant of it, and the random control of the paper's PAVE
+        variants = [("PAVE", [])] + [(f"PAVE[{label}]", extra) for label, extra in args.variant]
+        variants += [("Random control", RANDOM_CONTROL)] if args.random_control else []
+        for label, extra in variants:
+            pave_grid = [[*merger, *([r] if r else []), *calibration, *extra] for r in rhos]
+            if (pave_result := attempt(f"{label} + {name}", lambda: tune(bench, pave, pave_grid, args.validate))) is not None:
+                record({"name": f"{label} + {name}", **pave_result})
 
     result = {"zoo": args.zoo, "args": vars(args), "rows": rows,
               "total_seconds": time.perf_counter() - start, "tasks": tasks}
@@ -287,6 +306,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="PAVE under the official GLUE protocol (per_model, first 4096 rows, padding longest)")
     parser.add_argument("--purified-alone", type=float, nargs="+", default=None, metavar="RHO",
                         help="diagnostic: each task's PAVE-purified model alone on its task, at these rho")
+    parser.add_argument("--random-control", action="store_true",
+                        help="diagnostic: beside each PAVE row (and each --purified-alone row) the same run with "
+                             "PAVE's removed part replaced by random components of equal C-weighted energy")
+    parser.add_argument("--variant", type=parse_variant, nargs="+", default=[], metavar="LABEL=KEY=VALUE[,...]",
+                        help="PAVE variants run beside each PAVE row, e.g. tau=purify_target=task_vector")
+    parser.add_argument("--validate", action="store_true",
+                        help="score rows with a single setting on validation too")
     parser.add_argument("--gate-k", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--k", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--val-rows", type=int, default=None, help="first N validation rows per task")

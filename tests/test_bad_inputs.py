@@ -317,6 +317,8 @@ ROWS = [
      ValueError, r"allocation must be one of per_layer, per_model, uniform; got 'greedy'"),
     ("pave: unknown regularization", pave_row(regularization="ridge"),
      ValueError, r"regularization must be one of doubling, relative; got 'ridge'"),
+    ("pave: unknown purify target", pave_row(purify_target="pretrained"),
+     ValueError, r"purify_target must be one of finetuned, task_vector; got 'pretrained'"),
     ("pave: unknown accumulate dtype", pave_row(accumulate_dtype="float16"),
      ValueError, r"accumulate_dtype must be one of float32, float64; got 'float16'"),
     ("pave: unknown covariance offload", pave_row(covariance_offload="swap"),

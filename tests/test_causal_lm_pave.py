@@ -85,6 +85,17 @@ def test_streamed_pave_equals_in_memory_pave(family, tmp_path, allocation, merge
     assert not torch.equal(got.get_parameter(key), AutoModelForCausalLM.from_pretrained(plain).get_parameter(key))
 
 
+def test_streamed_task_vector_target_equals_in_memory(family, tmp_path):
+    pool, paths = family
+    expected = in_memory(pool, TA, rho=0.75, allocation="uniform", purify_target="task_vector")
+    got = streamed(pool, paths, tmp_path / "out", STREAMED["TA"],
+                   PurifySettings(rho=0.75, allocation="uniform", eps0=0.01, purify_target="task_vector"))
+    assert_bit_equal(got, expected)
+    paper = in_memory(pool, TA, rho=0.75, allocation="uniform")
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(got.get_parameter(key), paper.get_parameter(key))
+
+
 def test_dare_before_purification_and_purify_tasks(family, tmp_path):
     pool, paths = family
     dare = {"sparsity_ratio": 0.5, "rescale": True, "only_on_linear_weights": False}

@@ -21,7 +21,7 @@ from fusion_bench.method.emr_merging import EMRMerging
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave import task_statistics
 from fusion_bench_pave.pave import cache as pave_cache
-from fusion_bench_pave.pave.purify import purify_weight
+from fusion_bench_pave.pave.purify import context_svd, purify_weight
 from fusion_bench_pave.pave.regularize import regularize_doubling
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
@@ -116,9 +116,15 @@ def test_rho_one_dare_ties_matches_fusion_bench_dare_ties(kind, linear_only):
 
 
 # ------------------------------------------------------------ purification proper
-def test_purified_task_arithmetic_matches_independent_recomputation():
+def test_task_vector_target_at_rho_one_reproduces_task_arithmetic_bit_for_bit():
+    merged = model_of(pave(TA, purify_target="task_vector").run(make_pool("clip")))
+    assert_state_dicts_equal(merged, TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("clip")))
+
+
+@pytest.mark.parametrize("target", ["finetuned", "task_vector"])
+def test_purified_task_arithmetic_matches_independent_recomputation(target):
     pool = make_pool("mistral")
-    algo = pave(TA, rho=0.8)
+    algo = pave(TA, rho=0.8, purify_target=target)
     merged = algo.run(pool)["model"]
     extras = algo.extras
     oracle = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool("mistral"))
@@ -136,8 +142,15 @@ def test_purified_task_arithmetic_matches_independent_recomputation():
             stats = algo.task_covariance(fresh, task, model)
             cov_eps, _ = regularize_doubling(stats.covariance(layer), 0.01, 5e-2)
             weight = model.get_submodule(layer).weight.data
-            tilde = purify_weight(weight, cov_eps, extras["ranks"][task][layer])
-            expected += 0.3 * (tilde - pretrained[f"{layer}.weight"])
+            w_pre = pretrained[f"{layer}.weight"]
+            if target == "finetuned":
+                tau_tilde = purify_weight(weight, cov_eps, extras["ranks"][task][layer]) - w_pre
+            else:  # from the same context SVD of W_ft: U_r U_r^T tau where U spans R^out (out <= in), else
+                # tau without its dropped directions
+                u, tau = context_svd(weight, cov_eps)[0], (weight - w_pre).double()
+                u_r, u_d = u[:, : extras["ranks"][task][layer]], u[:, extras["ranks"][task][layer] :]
+                tau_tilde = (u_r @ (u_r.T @ tau) if weight.shape[0] <= weight.shape[1] else tau - u_d @ (u_d.T @ tau)).float()
+            expected += 0.3 * tau_tilde
         torch.testing.assert_close(merged.state_dict()[f"{layer}.weight"], expected, rtol=1e-5, atol=1e-6)
     kept = [r for ranks in extras["ranks"].values() for r in ranks.values()]
     assert min(kept) < max(extras["full_ranks"].values())

@@ -206,6 +206,36 @@ def test_regularize_runs_every_listed_rule_with_its_own_settings():
         regularize(cov, "ridge", eps0=0.5, tol=5e-2, alpha=0.1)
 
 
+def _covariance_with_eigenvalues(values: list[float], seed: int = 3) -> torch.Tensor:
+    """Q diag(values) Q^T with a seeded random orthogonal Q (float64)."""
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ q.T
+
+
+def test_relative_rule_is_an_absolute_eps_in_units_of_the_mean_eigenvalue():
+    cov = _covariance_with_eigenvalues([1.4, 0.5, 0.07, 0.02, 0.01])  # mean eigenvalue 0.4
+    reg, eps = regularize_relative(cov, alpha=0.25)
+    assert eps == pytest.approx(0.1, rel=1e-12)  # the official eps0, reached through the mean eigenvalue
+    official, official_eps = regularize_doubling(cov, eps0=0.1, tol=5e-2)  # passes at once
+    assert official_eps == 0.1
+    torch.testing.assert_close(reg, official, rtol=0, atol=1e-15)
+    manual = cov + 0.25 * (torch.trace(cov) / 5) * torch.eye(5, dtype=torch.float64)  # float64 by hand
+    torch.testing.assert_close(reg, manual, rtol=0, atol=1e-15)
+
+
+def test_relative_rule_makes_purification_independent_of_the_inputs_scale():
+    # scaling the inputs by 10 scales C by 100: the relative eps follows, the absolute one does not
+    w, _ = _problem(6, 5)
+    cov = _covariance_with_eigenvalues([1.4, 0.5, 0.07, 0.02, 0.01])
+    small = cov / 100
+    assert regularize_relative(small, 0.25)[1] == pytest.approx(1e-3, rel=1e-12)
+    torch.testing.assert_close(purify_weight(w, regularize_relative(small, 0.25)[0], 2),
+                               purify_weight(w, regularize_relative(cov, 0.25)[0], 2), rtol=0, atol=1e-12)
+    absolute = purify_weight(w, regularize_doubling(small, 0.1)[0], 2)
+    assert torch.linalg.norm(absolute - purify_weight(w, regularize_doubling(cov, 0.1)[0], 2)) > 1e-2
+
+
 # ----------------------------------------------------------------- purification
 def _problem(out: int = 12, inp: int = 9, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
@@ -234,6 +264,25 @@ def test_projection_form_equals_inverse_form(shape, rank):
     # activated pruning error = sqrt(sum of dropped S^2)
     err = torch.linalg.norm((w - projected) @ cov)
     assert err.item() == pytest.approx(s[rank:].square().sum().sqrt().item(), rel=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(7, 15), (12, 9)])
+def test_removing_from_the_task_vector_projects_tau(shape):
+    w, cov = _problem(*shape)
+    pretrained = w + 0.3 * torch.randn(*shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    tau = w - pretrained
+    u, _ = context_svd(w, cov)
+    rank = 3
+    got = remove_subspace(w, u[:, rank:], pretrained)
+    u_r, u_d = u[:, :rank], u[:, rank:]
+    if shape[0] <= shape[1]:  # U spans R^out: tau_tilde = U_r U_r^T tau, in span(U_r)
+        torch.testing.assert_close(got - pretrained, u_r @ (u_r.T @ tau), rtol=0, atol=1e-12)
+        assert torch.linalg.norm(got - pretrained - u_r @ (u_r.T @ (got - pretrained))) < 1e-12
+    else:  # tau's part outside span(U) is kept, only the dropped directions are removed
+        torch.testing.assert_close(got - pretrained, tau - u_d @ (u_d.T @ tau), rtol=0, atol=1e-12)
+    # the paper's form removes U_d U_d^T W_ft, i.e. also U_d U_d^T W_pre: the two differ
+    assert torch.linalg.norm(remove_subspace(w, u_d) - got) > 0.1
+    assert remove_subspace(w, u[:, u.shape[1]:], pretrained) is w  # nothing dropped: W itself
 
 
 def test_full_rank_returns_the_weight_bit_for_bit():

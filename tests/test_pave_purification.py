@@ -79,3 +79,26 @@ def test_full_rank_returns_the_given_tensors_and_layers_need_statistics_in_every
     assert all(purified[t][l] is weights[t][l] for t in weights for l in SHAPES)
     del statistics["task1"].input_of["enc.k"]
     assert purifiable_layers(statistics) == ["enc.q", "enc.fc2"]
+
+
+def test_task_vector_target_projects_each_task_vector_with_the_same_basis():
+    weights, statistics = pool()
+    generator = torch.Generator().manual_seed(1)
+    pretrained = {name: torch.randn(*shape, generator=generator) for name, shape in SHAPES.items()}
+    paper, paper_ranks, _ = purify(weights, statistics, settings())
+    purified, ranks, _ = purify(weights, statistics, settings(purify_target="task_vector"), pretrained=pretrained)
+    assert ranks == paper_ranks  # the same spectra, so the same allocation
+    for task in weights:
+        for layer in SHAPES:
+            cov_eps, _ = regularize(statistics[task].covariance(layer), "doubling", 0.01, 5e-2, 1e-3)
+            u, _ = context_svd(weights[task][layer], cov_eps)
+            w, w_pre = weights[task][layer].double(), pretrained[layer].double()
+            u_d = u[:, ranks[task][layer]:]
+            expected = w - u_d @ (u_d.T @ (w - w_pre))  # = W_pre + U_r U_r^T tau where U spans R^out (q, fc2)
+            torch.testing.assert_close(purified[task][layer].double(), expected, rtol=0, atol=1e-5)
+            if ranks[task][layer] < min(SHAPES[layer]):
+                assert not torch.allclose(purified[task][layer], paper[task][layer], atol=1e-3)
+    full, _, _ = purify(weights, statistics, settings(rho=1.0, purify_target="task_vector"), pretrained=pretrained)
+    assert all(full[t][l] is weights[t][l] for t in weights for l in SHAPES)
+    with pytest.raises(ValueError, match="purify_target='task_vector' needs the pretrained weights"):
+        purify(weights, statistics, settings(purify_target="task_vector"))

@@ -30,7 +30,7 @@ from fusion_bench_pave.pave.config_checks import check_hyperparameters, check_ta
 from fusion_bench_pave.pave.covariance import CovarianceStats
 from fusion_bench_pave.pave.models import LinearWeights, check_compatible, check_purifiable, dare_, on_device, pool_with_models
 from fusion_bench_pave.pave.offload import CovarianceOffload, Offload
-from fusion_bench_pave.pave.purification import PurifySettings, purifiable_layers, purify
+from fusion_bench_pave.pave.purification import PurifySettings, PurifyTarget, purifiable_layers, purify
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
 from fusion_bench_pave.pave.report import report_summary, run_extras, write_extras
@@ -63,6 +63,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         eps0: float = PURIFY.eps0,
         eps_tol: float = PURIFY.eps_tol,
         relative_alpha: float = PURIFY.relative_alpha,
+        purify_target: PurifyTarget = PURIFY.purify_target,
         accumulate_dtype: Literal["float32", "float64"] = COLLECT.accumulate_dtype,
         exclude_modules: Optional[list[str]] = None,
         calibration_datasets: Optional[DictConfig] = None,
@@ -91,7 +92,11 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             batch_size, max_length: calibration batching and text truncation.
             mask_padding: exclude padding tokens from the covariance.
             regularization: "doubling" (official: eps0 doubled until ||C^-1 C - I||_F < eps_tol)
-                or "relative" (eps = relative_alpha * mean diag C).
+                or "relative" (eps = relative_alpha * mean diag C = relative_alpha * mean eigenvalue
+                of C, so the regulariser scales with each input instead of swamping small ones).
+            purify_target: "finetuned" (the paper: W_tilde = U_r U_r^T W_ft, tau_tilde = W_tilde - W_pre)
+                or "task_vector" (a variant: tau_tilde = U_r U_r^T tau, the same U from W_ft C_eps, the
+                pretrained weight untouched; a part of tau outside the span of U is kept).
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
                 None means the task heads (pave/heads.py: Linears outside a Hugging Face model's
@@ -143,7 +148,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
     @property
     def purification(self) -> PurifySettings:
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
-                              self.eps_tol, self.relative_alpha)
+                              self.eps_tol, self.relative_alpha, self.purify_target)
 
     def task_covariance(self, modelpool: BaseModelPool, task: str, model: nn.Module) -> CovarianceStats:
         """Input statistics of one task, as a run collects them."""
@@ -186,7 +191,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             if self.dare:
                 dare_(pretrained, finetuned, self.dare, self.seed)
             start = time.perf_counter()
-            ranks, full_ranks = self.purify_({name: finetuned[name] for name in purified}, stats)
+            ranks, full_ranks = self.purify_({name: finetuned[name] for name in purified}, stats, pretrained)
             times["purification"] = time.perf_counter() - start
 
         merged = self.merge(modelpool, pretrained, finetuned)
@@ -204,10 +209,11 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         return {"model": merged, "pave": report_summary(self.extras)}
 
     def purify_(
-        self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats]
+        self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats], pretrained: nn.Module
     ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         """Replace every purified Linear weight of every model by its purified version, in place, one
-        layer at a time. Returns the kept ranks {task: {layer: r}} and full ranks {layer: R}."""
+        layer at a time (`pretrained` is read with purify_target="task_vector"). Returns the kept ranks
+        {task: {layer: r}} and full ranks {layer: R}."""
         if not purifiable_layers(stats):
             raise ValueError(
                 f"none of the Linears that exclude_modules={self.exclude_modules} leaves to purify ran "
@@ -219,6 +225,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             weights, stats, self.purification,
             progress=lambda items, description: tqdm(items, desc=description, disable=not show),
             write=lambda task, layer, weight: weights[task].write(layer, weight),
+            pretrained=LinearWeights(pretrained, self.purify_attention),
         )
         return ranks, full_ranks
 

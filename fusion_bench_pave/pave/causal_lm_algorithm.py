@@ -32,7 +32,7 @@ from fusion_bench_pave.pave.causal_lm_purification import (
 )
 from fusion_bench_pave.pave.config_checks import check_merger, check_purification, check_task_names
 from fusion_bench_pave.pave.models import check_purifiable
-from fusion_bench_pave.pave.purification import PurifySettings
+from fusion_bench_pave.pave.purification import PurifySettings, PurifyTarget
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
 from fusion_bench_pave.pave.task_statistics import DTYPES, CollectionKeys, TaskStatistics, check_statistics
@@ -68,6 +68,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
         eps0: float = 0.01,
         eps_tol: float = 1e-2,
         relative_alpha: float = 1e-3,
+        purify_target: PurifyTarget = "finetuned",
         accumulate_dtype: Literal["float32", "float64"] = "float64",
         exclude_modules: Optional[list[str]] = None,
         calibration_datasets: Optional[DictConfig] = None,
@@ -109,7 +110,7 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     @property
     def purification(self) -> PurifySettings:
         return PurifySettings(self.rho, self.allocation, self.floor_factor, self.regularization, self.eps0,
-                              self.eps_tol, self.relative_alpha)
+                              self.eps_tol, self.relative_alpha, self.purify_target)
 
     @property
     def statistics_device(self) -> torch.device:

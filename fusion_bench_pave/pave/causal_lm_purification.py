@@ -106,6 +106,7 @@ def purify_causal_lm_checkpoints(
     max_shard_bytes: int = 2 * 2**30,
     progress: bool = True,
     fabric: Any | None = None,
+    pretrained: Optional[Mapping[str, Tensor]] = None,
 ) -> PurifiedCheckpoints:
     """Purify the Linear weights of each task of ``batches``: statistics from ``checkpoints[task]`` on
     ``batches[task]``, purified tensors read from ``weights[task]`` (the checkpoint, or its DARE'd view),
@@ -115,11 +116,15 @@ def purify_causal_lm_checkpoints(
     calibration batches and a ``scratch`` all ranks see: each decoder layer's statistics are summed
     over the ranks (as the in-memory PAVE's), then its Linears, in groups that read one input, are
     dealt to the ranks by estimated cost (``ranks.balance``) and each rank purifies and writes its
-    own; a failure on any rank fails every rank at the end of that layer."""
+    own; a failure on any rank fails every rank at the end of that layer. ``pretrained`` (the pretrained
+    checkpoint's tensors) is read only with ``settings.purify_target == "task_vector"``, where it is required."""
     check_streamed_allocation(settings)
+    if settings.purify_target == "task_vector" and pretrained is None:
+        raise ValueError("purify_target='task_vector' needs the pretrained checkpoint's tensors")
     rank, world_size = rank_and_size(fabric)
     tasks = list(batches)
     model = meta_causal_lm(config)
+    base_names = stored_names(model, pretrained, "the pretrained checkpoint") if settings.purify_target == "task_vector" else None
     head = model.get_output_embeddings()
     head_name = next(name for name, module in model.named_modules() if module is head)
     include = collection.include or (lambda name, module: True)
@@ -159,7 +164,9 @@ def purify_causal_lm_checkpoints(
                 owner = balance(_unit_costs(shapes, first), world_size)
                 mine = [layer for layer in layers if owner[first.input_of[layer]] == rank]
                 layer_weights = {task: {layer: weights[task][names[task][f"{layer}.weight"]] for layer in mine} for task in group}
-                for purified in iter_purified(layer_weights, {task: _restricted(stats[task], mine) for task in group}, settings):
+                base = None if base_names is None else {layer: pretrained[base_names[f"{layer}.weight"]] for layer in mine}
+                for purified in iter_purified(layer_weights, {task: _restricted(stats[task], mine) for task in group}, settings,
+                                              pretrained=base):
                     for task, weight in purified.weights.items():
                         if purified.ranks[task] < purified.full_rank:
                             writers[task].add(names[task][f"{purified.layer}.weight"], weight)
@@ -237,7 +244,7 @@ def pave_merge_causal_lm_checkpoints(
     with shared_temporary_dir(fabric, prefix="pave-purified-", dir=scratch_dir) as scratch:
         purified = purify_causal_lm_checkpoints(
             config, {task: finetuned_paths[task] for task in batches}, dict(zip(tasks, sources)), batches, settings,
-            scratch, collection, check, max_shard_bytes, progress, fabric)
+            scratch, collection, check, max_shard_bytes, progress, fabric, pretrained)
         views = [Overlay(purified.weights[task], source) if task in batches else source for task, source in zip(tasks, sources)]
         stream = TaskVectorStream(pretrained, views, plan, merge_dare, labels=labels)
         write_merged_checkpoint(pretrained_path, stream, method, out_path, max_shard_bytes=max_shard_bytes,

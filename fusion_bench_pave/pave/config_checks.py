@@ -11,6 +11,7 @@ from fusion_bench.utils.packages import import_object
 from fusion_bench_pave.arguments import check_argument_types
 from fusion_bench_pave.pave.calibration import SAMPLE_ORDERS, SPLITS
 from fusion_bench_pave.pave.offload import Offload
+from fusion_bench_pave.pave.purification import PurifyTarget
 from fusion_bench_pave.pave.rank_allocation import Allocation
 from fusion_bench_pave.pave.regularize import Regularization
 from fusion_bench_pave.pave.task_statistics import DTYPES
@@ -104,7 +105,8 @@ def check_purification(cls: type, arguments: Mapping[str, Any]) -> None:
     for name in ("eps0", "eps_tol", "relative_alpha"):
         if not arguments[name] > 0:
             raise ValueError(f"{name} must be > 0, got {arguments[name]}")
-    check_choices(arguments, {"allocation": get_args(Allocation), "regularization": get_args(Regularization)})
+    check_choices(arguments, {"allocation": get_args(Allocation), "regularization": get_args(Regularization),
+                              "purify_target": get_args(PurifyTarget)})
     if arguments["dare"]:
         check_dare(arguments["dare"])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from fusion_bench_pave.pave.regularize import Regularization, regularize
 Weights = Mapping[str, Mapping[str, Tensor]]  # {task: {layer: weight [out, in]}}
 Progress = Callable[[Iterable, str], Iterable]  # (iterable, description) -> the same items
 TAIL_BYTES = 2 * 2**30  # per_model: float64 columns of U kept between the spectra and purify passes
+# what the dropped context components are removed from: the fine-tuned weight (the paper:
+# tau_tilde = U_r U_r^T W_ft - W_pre) or the task vector (tau_tilde = U_r U_r^T (W_ft - W_pre))
+PurifyTarget = Literal["finetuned", "task_vector"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class PurifySettings:
     eps0: float = 0.1
     eps_tol: float = 5e-2
     relative_alpha: float = 1e-3
+    purify_target: PurifyTarget = "finetuned"
 
 
 @dataclass
@@ -105,15 +109,17 @@ def _decompose(
 
 
 def _project(
-    weights: Weights, layer: str, ranks: Mapping[str, int], full_rank: int, bases: Mapping[str, tuple[Tensor, int]]
+    weights: Weights, layer: str, ranks: Mapping[str, int], full_rank: int, bases: Mapping[str, tuple[Tensor, int]],
+    pretrained: Optional[Tensor],
 ) -> PurifiedLayer:
-    """Each task's weight without U's columns rank.. (bases[task] holds columns start.. of U)."""
+    """Each task's weight without U's columns rank.. (bases[task] holds columns start.. of U), removed
+    from W_ft or, given the layer's `pretrained` weight, from the task vector W_ft - W_pre."""
     purified = {}
     for task, rank in ranks.items():
         weight = weights[task][layer]
         if rank < full_rank:
             tail, start = bases[task]
-            weight = remove_subspace(weight, tail[:, rank - start :])
+            weight = remove_subspace(weight, tail[:, rank - start :], pretrained)
         purified[task] = weight
     return PurifiedLayer(layer, purified, dict(ranks), full_rank)
 
@@ -125,12 +131,19 @@ def iter_purified(
     settings: PurifySettings,
     progress: Progress = _no_progress,
     tail_bytes: int = TAIL_BYTES,
+    pretrained: Optional[Mapping[str, Tensor]] = None,
 ) -> Iterator[PurifiedLayer]:
     """Purify every layer of `purifiable_layers(statistics)`, yielding one layer at a time so the
     caller can write it back before the next is computed. `weights` is only read, and each layer's
-    weights before that layer is yielded."""
+    weights before that layer is yielded. `pretrained` ({layer: W_pre}) is needed, and read, only
+    with purify_target="task_vector"."""
     tasks = list(weights)
     layers = purifiable_layers(statistics)
+    if settings.purify_target not in get_args(PurifyTarget):
+        raise ValueError(f"purify_target must be one of {', '.join(get_args(PurifyTarget))}; got {settings.purify_target!r}")
+    if settings.purify_target == "task_vector" and pretrained is None:
+        raise ValueError("purify_target='task_vector' needs the pretrained weights of the purified layers")
+    base = (lambda layer: pretrained[layer]) if settings.purify_target == "task_vector" else (lambda layer: None)
     cov_eps = RegularizedCovariances(statistics, settings)
     if settings.allocation != "per_model":
         for layer in progress(layers, "PAVE purify"):
@@ -139,7 +152,7 @@ def iter_purified(
             spectra = {layer: [normalized_spectrum(s) for _, s in decompositions.values()]}
             kept = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)[layer]
             bases = {task: (u, start) for task, (u, _) in decompositions.items()}
-            yield _project(weights, layer, dict(zip(tasks, kept)), len(spectra[layer][0]), bases)
+            yield _project(weights, layer, dict(zip(tasks, kept)), len(spectra[layer][0]), bases, base(layer))
         return
 
     shapes = [weights[tasks[0]][layer].shape for layer in layers]
@@ -167,7 +180,7 @@ def iter_purified(
             if tail is None or rank < start:  # not kept, or the collapse cut deeper than the kept tail
                 tail, start = _decompose(weights, cov_eps, task, layer)[0], 0
             bases[task] = (tail, start)
-        yield _project(weights, layer, ranks, full_rank, bases)
+        yield _project(weights, layer, ranks, full_rank, bases, base(layer))
 
 
 def purify(
@@ -176,14 +189,16 @@ def purify(
     settings: PurifySettings,
     progress: Progress = _no_progress,
     write: Optional[Callable[[str, str, Tensor], None]] = None,
+    pretrained: Optional[Mapping[str, Tensor]] = None,
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]], dict[str, int]]:
     """All of `iter_purified`: purified weights {task: {layer: W}}, kept ranks {task: {layer: r}}
     and full ranks {layer: R}. With `write`, each purified weight goes to write(task, layer, W) as
-    soon as its layer is done and the returned weights are empty (nothing held twice)."""
+    soon as its layer is done and the returned weights are empty (nothing held twice). `pretrained`:
+    as in `iter_purified`."""
     purified: dict[str, dict[str, Tensor]] = {task: {} for task in weights}
     ranks: dict[str, dict[str, int]] = {task: {} for task in weights}
     full_ranks: dict[str, int] = {}
-    for layer in iter_purified(weights, statistics, settings, progress):
+    for layer in iter_purified(weights, statistics, settings, progress, pretrained=pretrained):
         for task, weight in layer.weights.items():
             if write is None:
                 purified[task][layer.layer] = weight

@@ -11,6 +11,8 @@ can drop. Its S_i carry an absolute error of about
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -54,13 +56,18 @@ def project_weight(weight: Tensor, u: Tensor, rank: int) -> Tensor:
     return (u_r @ (u_r.T @ w)).to(weight.dtype)
 
 
-def remove_subspace(weight: Tensor, u_dropped: Tensor) -> Tensor:
-    """W - U_d U_d^T W in W's dtype: the projection onto the kept components when U spans W's column
-    space (U from `context_eigh`/`context_svd`, C_eps invertible). W itself if U_d has no column."""
+def remove_subspace(weight: Tensor, u_dropped: Tensor, pretrained: Optional[Tensor] = None) -> Tensor:
+    """W - U_d U_d^T (W - W_pre) in W's dtype (W_pre = 0 if not given). Without `pretrained`: the
+    projection U_r U_r^T W onto the kept components when U spans W's column space (U from
+    `context_eigh`/`context_svd`, C_eps invertible), the paper's tau_tilde = U_r U_r^T W_ft - W_pre.
+    With it: W_pre + tau - U_d U_d^T tau, i.e. tau_tilde = U_r U_r^T tau whenever U spans R^out
+    (out <= in and W C_eps of full row rank); a part of tau outside the span of U is kept, so
+    nothing changes at full rank. W itself if U_d has no column."""
     if u_dropped.shape[1] == 0:
         return weight
     w = weight.to(u_dropped.dtype)
-    return (w - u_dropped @ (u_dropped.T @ w)).to(weight.dtype)
+    delta = w if pretrained is None else w - pretrained.to(u_dropped.dtype)
+    return (w - u_dropped @ (u_dropped.T @ delta)).to(weight.dtype)
 
 
 def purify_weight(weight: Tensor, cov_eps: Tensor, rank: int) -> Tensor:
