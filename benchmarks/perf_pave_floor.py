@@ -117,7 +117,7 @@ def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
             purified32, ranks32, _ = purify(weights, stats32, doubling)
             error32 = max_error_vs_exact(purified32, ranks32, weights, cov_eps) if ranks32 == ranks else float("inf")
             ranks_equal = ranks == official_ranks(finetuned, batches, setting, doubling, full)
-        del stats64, stats32, purified
+        stats64 = stats32 = purified = None  # free the sums before the next repeat
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
     memory = {dtype: spawn_memory_child(setting, dtype, threads) for dtype in DTYPES}
     return {

@@ -62,6 +62,11 @@ class StreamedCollection:
     device: str | torch.device = "cpu"
 
 
+# A shard writer holds its current shard in memory, so the scratch checkpoints use small shards: their
+# buffers stay a few layers' purified weights at any depth instead of growing up to max_shard_bytes per task
+SCRATCH_SHARD_BYTES = 2**28
+
+
 @dataclass
 class PurifiedCheckpoints:
     """Each purified task's purified Linear weights (scratch checkpoints, one per rank; weights kept
@@ -138,7 +143,8 @@ def purify_causal_lm_checkpoints(
 
     for group in groups:
         names = {task: stored_names(model, weights[task], f"task '{task}'") for task in group}
-        writers = {task: ShardWriter(Path(scratch) / task / f"rank-{rank}", max_shard_bytes) for task in group}
+        writers = {task: ShardWriter(Path(scratch) / task / f"rank-{rank}", min(max_shard_bytes, SCRATCH_SHARD_BYTES))
+                   for task in group}
         for writer in writers.values():
             writer.out_dir.mkdir(parents=True)
         streams = [iter_causal_lm_covariance(checkpoints[task], batches[task], include=collection.include,
