@@ -42,13 +42,20 @@ class OwnTaskModels(nn.Module):
             raise ValueError(f"no fine-tuned model for task {task!r}; the model pool has {list(self.models)}")
         self.current_task = task
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The current task's model: what ``for_task`` hands a task pool to score."""
+        if self.current_task is None:
+            raise AttributeError("backbone: no task set")
+        return self.models[self.current_task]
+
     def forward(self, *args, **kwargs) -> Any:
         if self.current_task is None:
             raise RuntimeError(
                 "the task pool never called set_task, so it cannot score each fine-tuned model on its own task; "
                 "use a fusion_bench_pave task pool or set comparison.individual=false"
             )
-        return self.models[self.current_task](*args, **kwargs)
+        return self.backbone(*args, **kwargs)
 
 
 def own_task_models(modelpool: BaseModelPool) -> OwnTaskModels:

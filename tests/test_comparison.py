@@ -16,6 +16,8 @@ from fusion_bench_pave.comparison import (
     INDIVIDUAL_ROW, PRETRAINED_ROW, ComparisonProgram, OwnTaskModels, comparison_table,
 )
 
+from fusion_bench_pave.taskpool.task_modulation import for_task
+
 from conftest import compose_fusion_bench
 
 TASKS = ["tiny_color", "tiny_shape", "tiny_stripes"]
@@ -110,8 +112,10 @@ def test_own_task_models_answer_for_the_task_they_are_set_to():
     x = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="never called set_task"):
         models(x)
+    assert not hasattr(models, "backbone")
     models.set_task("b")
     assert torch.equal(models(x), models.models["b"](x))
+    assert for_task(models, "a") is models.models["a"]  # what our task pools score
     with pytest.raises(ValueError, match="no fine-tuned model for task 'c'"):
         models.set_task("c")
 
