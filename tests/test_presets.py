@@ -133,6 +133,10 @@ def test_zoo_demo_preset_composes_without_building_the_zoo(tiny_cache):
     assert cfg.method.rho == 63 / 64
     assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.SequenceClassificationModelPool"
     assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.SentenceEncoderTaskPool"
+    # it ends with the comparison table; TIES alone is PAVE's merger with the same settings
+    assert cfg._target_ == "fusion_bench_pave.comparison.ComparisonProgram" and cfg.print_function_call is False
+    assert cfg.comparison.pretrained and cfg.comparison.individual
+    assert cfg.comparison.baselines["TIES-Merging"] == cfg.method.merger
     assert not (tiny_cache / "zoo").exists()
 
 
