@@ -1,0 +1,121 @@
+"""The SmolLM2 zoo's PAVE rows under the official LLM protocol (rho 4089/4096, uniform allocation,
+eps0 0.01, eps_tol 1e-2), in-memory (``method=pave_ta``) and streamed (``method=pave_causal_lm``),
+evaluated on the README table's test rows (the first 100 per task, as ``reproduce.py --test-rows 100``).
+
+    # in-memory: Task Arithmetic alone and PAVE + TA; the PAVE + TA weights are saved for the comparison
+    python -m benchmarks.smollm_llm_protocol inmemory --out benchmarks/results/smollm_llm_protocol
+    # streamed checkpoints written by the CLI (results.md lists the commands), then evaluated and compared
+    python -m benchmarks.smollm_llm_protocol streamed --out benchmarks/results/smollm_llm_protocol \
+        --checkpoint "PAVE + Task Arithmetic (streamed)=/tmp/streamed_pave_ta" ...
+
+Each step adds its rows to ``<out>/rows.json``; ``report`` writes results.json and results.md from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.reproduce import Bench, compose, instantiate
+
+# the official LLM purification, with calibration on this zoo's short prompts: 64 prompts per task from
+# the train split, at most 96 tokens (every prompt fits), batches padded to their longest prompt and
+# padding left out of the covariance (as the README's earlier SmolLM2 rows, so only the protocol changes)
+LLM_PROTOCOL = ["method.rho=0.998291015625", "method.allocation=uniform", "method.eps0=0.01", "method.eps_tol=0.01",
+                "method.regularization=doubling", "method.floor_factor=1.5"]
+CALIBRATION = ["method.num_samples=64", "method.num_rows=null", "method.max_length=96", "method.batch_size=16",
+               "method.calibration_padding=longest", "method.mask_padding=true", "method.sample_order=random",
+               "method.seed=42", "method.calibration_split=train"]
+TEST_ROWS = 100
+
+
+def add_rows(out: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``<out>/rows.json`` (replacing rows of the same name)."""
+    path = out / "rows.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    names = {row["name"] for row in rows}
+    path.write_text(json.dumps([r for r in old if r["name"] not in names] + rows, indent=2))
+
+
+def row(name: str, method: str, overrides: list[str], report: dict, seconds: float | None, **extra) -> dict:
+    tasks = [k for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"]
+    return {"name": name, "method": method, "overrides": overrides, "merge_seconds": seconds,
+            "test": {t: report[t]["accuracy"] for t in tasks}, "average": report["average"]["accuracy"], **extra}
+
+
+def inmemory(bench: Bench, out: Path) -> None:
+    """Task Arithmetic (lambda 1.0) alone and in-memory PAVE + TA under the LLM protocol."""
+    rows = []
+    model, _, seconds = bench.merge("task_arithmetic", ["method.scaling_factor=1.0"])
+    rows.append(row("Task Arithmetic", "task_arithmetic", ["method.scaling_factor=1.0"],
+                    bench.evaluate(model, "test"), seconds))
+    del model
+    # composed here, not by Bench.merge, which points PAVE at the shared covariance cache: computed afresh
+    overrides = ["method.merger.scaling_factor=1.0", *LLM_PROTOCOL, *CALIBRATION, "method.cache_dir=null"]
+    cfg = compose(["method=pave_ta", "modelpool=zoo_smollm", *overrides])
+    modelpool, algorithm = instantiate(cfg.modelpool), instantiate(cfg.method)
+    start = time.perf_counter()
+    result = algorithm.run(modelpool)
+    seconds = time.perf_counter() - start
+    model, extras = result["model"], result
+    torch.save(model.state_dict(), out / "inmemory_pave_ta.pt")
+    kept = extras.get("pave", {}).get("kept_ratio")
+    rows.append(row("PAVE + Task Arithmetic (in-memory)", "pave_ta", overrides, bench.evaluate(model, "test"),
+                    seconds, kept_ratio=kept))
+    add_rows(out, rows)
+
+
+def load(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def weight_difference(a: dict, b: dict) -> dict:
+    """torch.equal over every tensor, and the largest absolute difference."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return {"all_equal": all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff,
+            "unequal_tensors": sum(not torch.equal(a[k], b[k]) for k in a), "tensors": len(a)}
+
+
+def streamed(bench: Bench, out: Path, checkpoints: list[str], compare: str | None) -> None:
+    """Evaluate merged checkpoints written by the streamed CLI; ``compare`` names the one whose weights
+    are compared with the saved in-memory PAVE + TA."""
+    rows = []
+    for spec in checkpoints:
+        name, path = spec.split("=", 1)
+        model = load(Path(path))
+        extra = {"checkpoint": path}
+        if name == compare:
+            reference = torch.load(out / "inmemory_pave_ta.pt")
+            extra["equality_with_inmemory"] = weight_difference(reference, model.state_dict())
+        rows.append(row(name, "pave_causal_lm", [], bench.evaluate(model, "test"), None, **extra))
+    add_rows(out, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["inmemory", "streamed"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smollm_llm_protocol"))
+    parser.add_argument("--checkpoint", nargs="+", default=[], metavar="NAME=PATH")
+    parser.add_argument("--compare", default=None, help="checkpoint NAME compared with the in-memory PAVE + TA")
+    args = parser.parse_args(argv)
+    from fusion_bench_pave.assets import cache_root
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench("smollm", cache_root(), None, TEST_ROWS)
+    start = time.perf_counter()
+    if args.step == "inmemory":
+        inmemory(bench, args.out)
+    else:
+        streamed(bench, args.out, args.checkpoint, args.compare)
+    print(f"{args.step}: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
