@@ -27,7 +27,7 @@ MERGERS = {"ta": {"merger._target_": "fusion_bench.method.TaskArithmeticAlgorith
 # the official ViT protocol (preset/pave_clip/official.yaml); the *_train variants calibrate on a seeded
 # sample of the train split instead of the first rows of the test split
 OFFICIAL_VIT = {"rho": 63 / 64, "allocation": "per_model", "exclude_modules": ["*.self_attn.*"], "num_rows": 4096,
-                "seed": 44, "calibration_split": "test", "sample_order": "first"}
+                "seed": 44, "calibration_split": "test", "sample_order": "first", "eps_check_pretrained": True}
 TRAIN_VIT = {**OFFICIAL_VIT, "calibration_split": "train", "sample_order": "random"}
 CLIP_PAVE_PRESETS = {
     f"pave_{method}_clip-vit-{arch}_ta8{suffix}": (PAVE, pretrained, 8, taskpool, {**protocol, **MERGERS[method]})
@@ -75,7 +75,7 @@ GLUE_METHODS = {
 # the official GLUE calibration (config/pave_glue/official.yaml) every GLUE preset runs
 GLUE_CALIBRATION = {"allocation": "per_model", "calibration_split": "train", "num_rows": 4096, "num_samples": 512,
                     "mask_padding": False, "calibration_padding": "longest", "max_length": 128,
-                    "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling"}
+                    "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling", "eps_check_pretrained": True}
 # the official code's GLUE metrics (averaged_scores: the mean of accuracy and F1 for MRPC and QQP)
 PAIR_F1 = {"glue-cola": ["matthews_correlation"], "glue-mrpc": ["accuracy", "f1"], "glue-qqp": ["accuracy", "f1"]}
 # family -> (pretrained model, fine-tuned task names, task pool's metrics)
