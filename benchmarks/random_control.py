@@ -12,6 +12,7 @@ replacement after each purification (the same statistics, ranks and merger), for
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -50,11 +51,12 @@ class RandomControlPAVE(PAVE):
     The random bases are drawn from `seed` (one generator per run, tasks and layers in pool order)."""
 
     def purify_(
-        self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats], pretrained: nn.Module
+        self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats], pretrained: nn.Module,
+        pretrained_statistics: Optional[Mapping[str, CovarianceStats]] = None,
     ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         originals = {task: {layer: w.clone() for layer, w in LinearWeights(model, self.purify_attention).items()}
                      for task, model in finetuned.items()}
-        ranks, full_ranks = super().purify_(finetuned, stats, pretrained)
+        ranks, full_ranks = super().purify_(finetuned, stats, pretrained, pretrained_statistics)
         generator = torch.Generator().manual_seed(self.seed)
         for task, model in finetuned.items():
             weights = LinearWeights(model, self.purify_attention)

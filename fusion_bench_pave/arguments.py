@@ -30,11 +30,14 @@ def constructor_keys(cls: type) -> list[str]:
 
 def reject_unknown_keys(cls: type, kwargs: Mapping[str, Any]) -> None:
     """TypeError naming the first key of ``kwargs`` that is neither a constructor argument of ``cls``
-    nor a Hydra/FusionBench ``_meta_`` key, and the closest valid key."""
+    nor a Hydra/FusionBench ``_meta_`` key, and the closest valid key; for a key of a related class
+    that ``cls`` lacks on purpose (its ``unsupported_keys``: {key: why}), the reason."""
     valid = constructor_keys(cls)
     for key in kwargs:
         if META_KEY.match(key):
             continue
+        if key in getattr(cls, "unsupported_keys", {}):
+            raise TypeError(f"{cls.__name__} does not support '{key}': {cls.unsupported_keys[key]}")
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise TypeError(f"{cls.__name__} has no key '{key}' ({hint}valid keys: {', '.join(valid)})")

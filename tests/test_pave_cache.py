@@ -131,10 +131,10 @@ def test_damage_during_purification_is_never_half_used(tmp_path, monkeypatch, cl
     the next run recomputes the entries."""
     run(cache_dir=str(tmp_path))
 
-    def damaging_purify(self, finetuned, stats):
+    def damaging_purify(self, finetuned, stats, *rest):
         for path in entries(tmp_path).values():
             damage(path)
-        return PURIFY(self, finetuned, stats)
+        return PURIFY(self, finetuned, stats, *rest)
 
     monkeypatch.setattr(PAVE, "purify_", damaging_purify)
     pool = make_pool("clip")

@@ -189,10 +189,10 @@ def run_recording(algorithm: PAVE, spill_root, monkeypatch) -> tuple[dict, dict]
     """Run PAVE on the tiny CLIP pool; return its result and what purify_ was given."""
     seen = {}
 
-    def spy(self, finetuned, stats):
+    def spy(self, finetuned, stats, *rest):
         seen["lazy"] = [isinstance(s.xtx, LazyTensors) for s in stats.values()]
         seen["spilled"] = sorted(p.name for p in spill_root.glob(f"{SPILL_PREFIX}*/*"))
-        return PURIFY(self, finetuned, stats)
+        return PURIFY(self, finetuned, stats, *rest)
 
     monkeypatch.setattr(PAVE, "purify_", spy)
     return algorithm.run(make_pool("clip")), seen

@@ -27,7 +27,7 @@ MERGERS = {"ta": {"merger._target_": "fusion_bench.method.TaskArithmeticAlgorith
 # the official ViT protocol (preset/pave_clip/official.yaml); the *_train variants calibrate on a seeded
 # sample of the train split instead of the first rows of the test split
 OFFICIAL_VIT = {"rho": 63 / 64, "allocation": "per_model", "exclude_modules": ["*.self_attn.*"], "num_rows": 4096,
-                "seed": 44, "calibration_split": "test", "sample_order": "first"}
+                "seed": 44, "calibration_split": "test", "sample_order": "first", "eps_check_pretrained": True}
 TRAIN_VIT = {**OFFICIAL_VIT, "calibration_split": "train", "sample_order": "random"}
 CLIP_PAVE_PRESETS = {
     f"pave_{method}_clip-vit-{arch}_ta8{suffix}": (PAVE, pretrained, 8, taskpool, {**protocol, **MERGERS[method]})
@@ -54,6 +54,15 @@ def _pretrained(models) -> str:
     return entry if isinstance(entry, str) else entry.pretrained_model_name_or_path
 
 
+# the official ViT protocol on FusionBench's open_clip pools (the task-vectors checkpoints the paper used):
+# MLP only through purify_attention=false (open_clip's attention is nn.MultiheadAttention), heads = null
+OPENCLIP = {"b32": "ViT-B-32", "b16": "ViT-B-16", "l14": "ViT-L-14"}
+OPENCLIP_PRESETS = {
+    f"pave_{method}_openclip-vit-{arch}_ta8": (model, {**OFFICIAL_VIT, "exclude_modules": None, "purify_attention": False,
+                                                    **MERGERS[method]})
+    for arch, model in OPENCLIP.items() for method in MERGERS
+}
+
 # presets over this package's offline zoos (composing must not resolve ${fbp_zoo:...}: that builds)
 ZOO_PRESETS = {"pave_ties_zoo_minilm": (PAVE, "zoo_minilm")}
 # presets of the streamed causal-LM methods, composed and run offline on the tiny Mistral in their own module
@@ -75,7 +84,7 @@ GLUE_METHODS = {
 # the official GLUE calibration (config/pave_glue/official.yaml) every GLUE preset runs
 GLUE_CALIBRATION = {"allocation": "per_model", "calibration_split": "train", "num_rows": 4096, "num_samples": 512,
                     "mask_padding": False, "calibration_padding": "longest", "max_length": 128,
-                    "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling"}
+                    "eps0": 0.1, "eps_tol": 0.05, "regularization": "doubling", "eps_check_pretrained": True}
 # the official code's GLUE metrics (averaged_scores: the mean of accuracy and F1 for MRPC and QQP)
 PAIR_F1 = {"glue-cola": ["matthews_correlation"], "glue-mrpc": ["accuracy", "f1"], "glue-qqp": ["accuracy", "f1"]}
 # family -> (pretrained model, fine-tuned task names, task pool's metrics)
@@ -91,7 +100,8 @@ GLUE_PRESETS = {
 
 
 def test_every_preset_file_is_covered():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *ZOO_PRESETS, *GLUE_PRESETS, *STREAMED_PRESETS])
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(
+        [*PRESETS, *ZOO_PRESETS, *GLUE_PRESETS, *STREAMED_PRESETS, *OPENCLIP_PRESETS])
     assert all((Path(__file__).parent / module).is_file() for module in STREAMED_PRESETS.values())
 
 
@@ -163,6 +173,28 @@ def test_preset_composes_to_the_papers_setup(preset):
         assert list(cfg.taskpool.tasks) == ["gsm8k"]
     header = (PRESET_DIR / f"{preset}.yaml").read_text()
     assert f"fusion_bench +preset={preset}" in header  # the usage line names the preset itself
+
+
+@pytest.mark.parametrize("preset", sorted(OPENCLIP_PRESETS))
+def test_openclip_preset_composes_to_the_official_vit_protocol_on_fusion_benchs_pools(preset):
+    model, settings = OPENCLIP_PRESETS[preset]
+    cfg = compose_fusion_bench([f"+preset={preset}"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.modelpool == f"OpenCLIPVisionModelPool/{model}_TA8"
+    assert cfg.hydra.runtime.choices.taskpool == f"OpenCLIPVisionModelTaskPool/{model}_TA8"
+    assert cfg.method._target_ == PAVE
+    for key, value in settings.items():
+        actual = _setting(cfg.method, key)
+        assert (actual == pytest.approx(value) if isinstance(value, float) else actual == value), key
+    assert cfg.modelpool._target_ == "fusion_bench_pave.modelpool.OpenCLIPVisionModelPool"  # loads the pickles
+    assert cfg.taskpool._target_ == "fusion_bench_pave.taskpool.OpenCLIPVisionTaskPool"  # + task modulation (EMR)
+    models = cfg.modelpool.models
+    pretrained = models["_pretrained_"]  # a path, or {model_name, pickle_path} (FusionBench's B/32 pool)
+    assert (pretrained if isinstance(pretrained, str) else pretrained["pickle_path"]).endswith(f"{model}/zeroshot.pt")
+    assert cfg.taskpool.model_name == model
+    tasks = [m for m in models if m != "_pretrained_"]
+    assert len(tasks) == 8 and list(cfg.modelpool.test_datasets) == tasks == list(cfg.taskpool.classification_heads)
+    header = (PRESET_DIR / f"{preset}.yaml").read_text()
+    assert f"fusion_bench +preset={preset}" in header and "table number and figure not available to us" in header
 
 
 def test_presets_leave_other_settings_overridable():

@@ -5,6 +5,7 @@ from fusion_bench_pave import plugin  # noqa: F401  (compat repair before fusion
 
 from fusion_bench_pave.modelpool.atomic_save import AtomicSaveMixin
 from fusion_bench_pave.modelpool.checked_load import CheckedLoadMixin
+from fusion_bench_pave.modelpool.openclip import OpenCLIPVisionModelPool
 from fusion_bench_pave.modelpool.pools import CausalLMPool, CLIPVisionModelPool, SequenceClassificationModelPool
 from fusion_bench_pave.modelpool.seq2seq import Seq2SeqLMPool
 
@@ -13,6 +14,7 @@ __all__ = [
     "CausalLMPool",
     "CheckedLoadMixin",
     "CLIPVisionModelPool",
+    "OpenCLIPVisionModelPool",
     "Seq2SeqLMPool",
     "SequenceClassificationModelPool",
 ]

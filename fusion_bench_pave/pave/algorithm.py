@@ -62,6 +62,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         regularization: Regularization = PURIFY.regularization,
         eps0: float = PURIFY.eps0,
         eps_tol: float = PURIFY.eps_tol,
+        eps_check_pretrained: bool = False,
         relative_alpha: float = PURIFY.relative_alpha,
         purify_target: PurifyTarget = PURIFY.purify_target,
         accumulate_dtype: Literal["float32", "float64"] = COLLECT.accumulate_dtype,
@@ -97,6 +98,12 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             purify_target: "finetuned" (the paper: W_tilde = U_r U_r^T W_ft, tau_tilde = W_tilde - W_pre)
                 or "task_vector" (a variant: tau_tilde = U_r U_r^T tau, the same U from W_ft C_eps, the
                 pretrained weight untouched; a part of tau outside the span of U is kept).
+            eps_check_pretrained: as the official ViT/GLUE code's second pass, the eps of the
+                purification doubles until ||C^-1 C - I||_F of the fine-tuned C plus that of the
+                PRETRAINED model's C on the same calibration inputs is below eps_tol; the rank
+                allocation keeps the eps of the fine-tuned C alone (its first pass). Costs one
+                pretrained forward pass per purified task (its statistics are cached like the
+                fine-tuned ones); doubling only, not with `statistics`.
             accumulate_dtype: dtype of the X^T X sums.
             exclude_modules: glob patterns (or last name parts) of Linear modules kept unpurified;
                 None means the task heads (pave/heads.py: Linears outside a Hugging Face model's
@@ -182,21 +189,27 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
                          attention=self.purify_attention)
 
         start = time.perf_counter()
-        with CovarianceOffload(self.covariance_offload, len(purified)) as offload:
+        with CovarianceOffload(self.covariance_offload, len(purified) * (1 + self.eps_check_pretrained)) as offload:
             stats = {}
             for name in purified:
                 with on_device(finetuned[name], self.fabric.device):
                     stats[name] = offload.keep(statistics(name, finetuned[name]))
+            reference = {}
+            for name in purified if self.eps_check_pretrained else ():
+                with on_device(pretrained, self.fabric.device):
+                    reference[name] = offload.keep(statistics(name, pretrained, source="pretrained"))
             times = {"covariance": time.perf_counter() - start}
             if self.dare:
                 dare_(pretrained, finetuned, self.dare, self.seed)
             start = time.perf_counter()
-            ranks, full_ranks = self.purify_({name: finetuned[name] for name in purified}, stats, pretrained)
+            ranks, full_ranks = self.purify_({name: finetuned[name] for name in purified}, stats, pretrained,
+                                             reference or None)
             times["purification"] = time.perf_counter() - start
 
         merged = self.merge(modelpool, pretrained, finetuned)
         settings = {"rho": self.rho, "allocation": self.allocation, "calibration_split": self.calibration_split,
                     "test_leakage": self.calibration_split == "test", "purified_tasks": purified,
+                    "eps_check_pretrained": self.eps_check_pretrained,
                     "unpurified": type_summary(unpurified)}
         self.extras = run_extras(settings, times, statistics.hits, offload.on_disk, ranks, full_ranks)
         if self.log_dir is not None and self.fabric.is_global_zero:
@@ -209,10 +222,15 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
         return {"model": merged, "pave": report_summary(self.extras)}
 
     def purify_(
-        self, finetuned: Mapping[str, nn.Module], stats: Mapping[str, CovarianceStats], pretrained: nn.Module
+        self,
+        finetuned: Mapping[str, nn.Module],
+        stats: Mapping[str, CovarianceStats],
+        pretrained: nn.Module,
+        pretrained_statistics: Optional[Mapping[str, CovarianceStats]] = None,
     ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         """Replace every purified Linear weight of every model by its purified version, in place, one
-        layer at a time (`pretrained` is read with purify_target="task_vector"). Returns the kept ranks
+        layer at a time (`pretrained` is read with purify_target="task_vector"; `pretrained_statistics`:
+        the pretrained model's statistics of each task, for eps_check_pretrained). Returns the kept ranks
         {task: {layer: r}} and full ranks {layer: R}."""
         if not purifiable_layers(stats):
             raise ValueError(
@@ -226,6 +244,7 @@ class PAVE(CollectionKeys, LightningFabricMixin, SimpleProfilerMixin, BaseAlgori
             progress=lambda items, description: tqdm(items, desc=description, disable=not show),
             write=lambda task, layer, weight: weights[task].write(layer, weight),
             pretrained=LinearWeights(pretrained, self.purify_attention),
+            pretrained_statistics=pretrained_statistics,
         )
         return ranks, full_ranks
 

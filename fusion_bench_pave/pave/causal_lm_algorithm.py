@@ -52,6 +52,11 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     the calibration batches, the purification and the merge (``causal_lm_purification``)."""
 
     purify_attention = False  # these decoders' attention is plain Linears (no nn.MultiheadAttention)
+    unsupported_keys = {
+        "eps_check_pretrained": "the official LLM path checks eps on each fine-tuned model's covariance alone "
+        "(NLG/model_merging_methods/task_vector.py), and the streamed statistics are collected for the "
+        "fine-tuned checkpoints only; use method=pave (in memory) for the ViT/GLUE second-pass check",
+    }
 
     def __init__(
         self,

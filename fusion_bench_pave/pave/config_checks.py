@@ -93,6 +93,15 @@ def check_hyperparameters(cls: type, arguments: Mapping[str, Any]) -> None:
     """Types, ranges and choices of PAVE's constructor ``arguments`` (``cls`` gives the types), and its merger."""
     check_purification(cls, arguments)
     check_choices(arguments, {"covariance_offload": get_args(Offload)})
+    if arguments["eps_check_pretrained"] and arguments["regularization"] != "doubling":
+        raise ValueError("eps_check_pretrained=true is a condition of the doubling rule's check; set "
+                         f"regularization=doubling (got {arguments['regularization']!r}) or eps_check_pretrained=false")
+    if arguments["eps_check_pretrained"] and arguments["statistics"] is not None:
+        raise ValueError(
+            "eps_check_pretrained=true needs the pretrained model's statistics on each task's calibration "
+            f"inputs, which statistics={arguments['statistics']} does not hold; collect them in the run "
+            "(statistics=null) or set eps_check_pretrained=false"
+        )
     check_merger(arguments["merger"])
 
 

@@ -57,11 +57,19 @@ class PurifiedLayer:
 
 
 class RegularizedCovariances:
-    """C_eps of (task, layer), regularising each distinct input once and keeping only its eps."""
+    """C_eps of (task, layer), regularising each distinct input once and keeping only its eps. With
+    `pretrained` ({task: the pretrained model's statistics on that task's calibration inputs}) eps
+    must also pass the doubling check on the pretrained C (the official second pass)."""
 
-    def __init__(self, statistics: Mapping[str, CovarianceStats], settings: PurifySettings):
+    def __init__(
+        self,
+        statistics: Mapping[str, CovarianceStats],
+        settings: PurifySettings,
+        pretrained: Optional[Mapping[str, CovarianceStats]] = None,
+    ):
         self.statistics = statistics
         self.settings = settings
+        self.pretrained = pretrained
         self.eps: dict[tuple[str, str], float] = {}
 
     def __call__(self, task: str, layer: str) -> Tensor:
@@ -72,8 +80,16 @@ class RegularizedCovariances:
             cov.diagonal().add_(self.eps[key])
             return cov
         s = self.settings
-        regularized, self.eps[key] = regularize(cov, s.regularization, s.eps0, s.eps_tol, s.relative_alpha)
+        also = [] if self.pretrained is None else [self.pretrained[task].covariance(layer)]
+        regularized, self.eps[key] = regularize(cov, s.regularization, s.eps0, s.eps_tol, s.relative_alpha, also)
         return regularized
+
+    def eps_of(self, task: str, layer: str) -> float:
+        """eps of (task, layer)'s input, regularising it first if it was not yet."""
+        key = (task, self.statistics[task].input_of[layer])
+        if key not in self.eps:
+            self(task, layer)
+        return self.eps[key]
 
 
 def purifiable_layers(statistics: Mapping[str, CovarianceStats]) -> list[str]:
@@ -132,11 +148,16 @@ def iter_purified(
     progress: Progress = _no_progress,
     tail_bytes: int = TAIL_BYTES,
     pretrained: Optional[Mapping[str, Tensor]] = None,
+    pretrained_statistics: Optional[Mapping[str, CovarianceStats]] = None,
 ) -> Iterator[PurifiedLayer]:
     """Purify every layer of `purifiable_layers(statistics)`, yielding one layer at a time so the
     caller can write it back before the next is computed. `weights` is only read, and each layer's
     weights before that layer is yielded. `pretrained` ({layer: W_pre}) is needed, and read, only
-    with purify_target="task_vector"."""
+    with purify_target="task_vector". With `pretrained_statistics` ({task: the pretrained model's
+    statistics on task's calibration inputs}), as in the official code, the rank allocation's spectra
+    use eps checked on the fine-tuned C alone (its first pass), the projections eps checked on both Cs
+    (its second pass: the sum of their residuals below eps_tol); a (task, layer) whose two eps differ
+    is decomposed again."""
     tasks = list(weights)
     layers = purifiable_layers(statistics)
     if settings.purify_target not in get_args(PurifyTarget):
@@ -145,14 +166,31 @@ def iter_purified(
         raise ValueError("purify_target='task_vector' needs the pretrained weights of the purified layers")
     base = (lambda layer: pretrained[layer]) if settings.purify_target == "task_vector" else (lambda layer: None)
     cov_eps = RegularizedCovariances(statistics, settings)
+    checked = cov_eps if pretrained_statistics is None else RegularizedCovariances(statistics, settings, pretrained_statistics)
+    if pretrained_statistics is not None and (missing := [(t, l) for t in tasks for l in layers
+                                                       if l not in pretrained_statistics[t].input_of]):
+        task, layer = missing[0]
+        raise ValueError(f"task '{task}': the pretrained model's statistics lack Linear '{layer}', whose eps "
+                         "check (eps_check_pretrained) needs them")
+
+    def recheck(task: str, layer: str) -> bool:
+        """Whether the projection's eps differs from the spectrum's (a second decomposition)."""
+        return checked is not cov_eps and checked.eps_of(task, layer) != cov_eps.eps_of(task, layer)
+
     if settings.allocation != "per_model":
         for layer in progress(layers, "PAVE purify"):
             start = lowest_rank(min(weights[tasks[0]][layer].shape), settings)
             decompositions = {task: _decompose(weights, cov_eps, task, layer, start) for task in tasks}
             spectra = {layer: [normalized_spectrum(s) for _, s in decompositions.values()]}
             kept = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)[layer]
-            bases = {task: (u, start) for task, (u, _) in decompositions.items()}
-            yield _project(weights, layer, dict(zip(tasks, kept)), len(spectra[layer][0]), bases, base(layer))
+            full_rank = len(spectra[layer][0])
+            bases = {}
+            for task, rank in zip(tasks, kept):
+                u = decompositions[task][0]
+                if rank < full_rank and recheck(task, layer):
+                    u = _decompose(weights, checked, task, layer, start)[0]
+                bases[task] = (u, start)
+            yield _project(weights, layer, dict(zip(tasks, kept)), full_rank, bases, base(layer))
         return
 
     shapes = [weights[tasks[0]][layer].shape for layer in layers]
@@ -166,7 +204,7 @@ def iter_purified(
         for task in tasks:
             tail, s = _decompose(weights, cov_eps, task, layer, start)
             spectra[layer].append(normalized_spectrum(s))
-            if tail.numel() * tail.element_size() <= budget:
+            if tail.numel() * tail.element_size() <= budget and not recheck(task, layer):
                 budget -= tail.numel() * tail.element_size()
                 tails[(task, layer)] = (tail, start)
     allocated = allocate_ranks(spectra, settings.rho, settings.allocation, settings.floor_factor)
@@ -177,8 +215,8 @@ def iter_purified(
             tail, start = tails.pop((task, layer), (None, 0))
             if rank >= full_rank:
                 continue
-            if tail is None or rank < start:  # not kept, or the collapse cut deeper than the kept tail
-                tail, start = _decompose(weights, cov_eps, task, layer)[0], 0
+            if tail is None or rank < start:  # not kept (or to be rechecked), or the collapse cut deeper
+                tail, start = _decompose(weights, checked, task, layer)[0], 0
             bases[task] = (tail, start)
         yield _project(weights, layer, ranks, full_rank, bases, base(layer))
 
@@ -190,6 +228,7 @@ def purify(
     progress: Progress = _no_progress,
     write: Optional[Callable[[str, str, Tensor], None]] = None,
     pretrained: Optional[Mapping[str, Tensor]] = None,
+    pretrained_statistics: Optional[Mapping[str, CovarianceStats]] = None,
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, int]], dict[str, int]]:
     """All of `iter_purified`: purified weights {task: {layer: W}}, kept ranks {task: {layer: r}}
     and full ranks {layer: R}. With `write`, each purified weight goes to write(task, layer, W) as
@@ -198,7 +237,8 @@ def purify(
     purified: dict[str, dict[str, Tensor]] = {task: {} for task in weights}
     ranks: dict[str, dict[str, int]] = {task: {} for task in weights}
     full_ranks: dict[str, int] = {}
-    for layer in iter_purified(weights, statistics, settings, progress, pretrained=pretrained):
+    for layer in iter_purified(weights, statistics, settings, progress, pretrained=pretrained,
+                               pretrained_statistics=pretrained_statistics):
         for task, weight in layer.weights.items():
             if write is None:
                 purified[task][layer.layer] = weight

@@ -3,6 +3,7 @@ relative to the mean diagonal."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
@@ -41,25 +42,35 @@ def inverse_residual(low: Tensor) -> float:
 
 
 def inverse_check(low: Tensor, tol: float, probes: int = PROBES, seed: int = 0) -> bool:
-    """||A^-1 A - I||_F < tol for the explicit inverse A^-1 (as `inverse_residual`), deciding from
-    the unbiased estimate ||(A^-1 A - I) Z||_F / sqrt(probes) (seeded Gaussian Z, O(n^2 probes)) when
-    it is more than GUARD times away from tol, and from the exact norm (one n^3 product) otherwise.
-    The squared estimate has a relative spread of at most sqrt(2 / probes) = 25%; contradicting the
-    exact check needs it off by GUARD^2 = 16x, which even for a rank-one residual (the worst case,
-    chi-square with `probes` degrees of freedom) has probability below 2e-14, and the probes are
-    seeded, so a given covariance always gets the same verdict."""
-    inv = torch.linalg.inv(low)
-    if not _finite(inv):
+    """||A^-1 A - I||_F < tol for the explicit inverse A^-1 (as `inverse_residual`): `inverse_checks`
+    of one matrix."""
+    return inverse_checks([low], tol, probes, seed)
+
+
+def inverse_checks(lows: Sequence[Tensor], tol: float, probes: int = PROBES, seed: int = 0) -> bool:
+    """sum_k ||A_k^-1 A_k - I||_F < tol for explicit inverses A_k^-1 (as `inverse_residual`; the
+    official second pass sums the fine-tuned and the pretrained covariance's residuals), deciding
+    from the sum of the unbiased estimates ||(A_k^-1 A_k - I) Z||_F / sqrt(probes) (seeded Gaussian Z,
+    O(n^2 probes)) when it is more than GUARD times away from tol, and from the exact norms (one n^3
+    product each) otherwise. Each squared estimate has a relative spread of at most
+    sqrt(2 / probes) = 25%; contradicting the exact check needs one off by GUARD^2 = 16x (a sum of
+    norms each within GUARD of its own is within GUARD of theirs), which even for a rank-one residual
+    (the worst case, chi-square with `probes` degrees of freedom) has probability below 2e-14, and
+    the probes are seeded, so given covariances always get the same verdict."""
+    inverses = [torch.linalg.inv(low) for low in lows]
+    if not all(_finite(inv) for inv in inverses):
         return False
-    # probes drawn on the CPU, so every device sees the same Z for the same covariance
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(low.shape[0], probes, generator=generator, dtype=low.dtype).to(low.device)
-    estimate = float(torch.linalg.matrix_norm(inv @ (low @ z) - z)) / probes**0.5
+    estimate = 0.0
+    for inv, low in zip(inverses, lows):
+        # probes drawn on the CPU, so every device sees the same Z for the same covariance
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn(low.shape[0], probes, generator=generator, dtype=low.dtype).to(low.device)
+        estimate += float(torch.linalg.matrix_norm(inv @ (low @ z) - z)) / probes**0.5
     if estimate < tol / GUARD:
         return True
     if estimate > tol * GUARD:
         return False
-    return _residual(inv, low) < tol
+    return sum(_residual(inv, low) for inv, low in zip(inverses, lows)) < tol
 
 
 def regularize_doubling(
@@ -68,17 +79,20 @@ def regularize_doubling(
     tol: float = 5e-2,
     max_doublings: int = 64,
     check_dtype: torch.dtype = torch.float32,
+    also: Sequence[Tensor] = (),
 ) -> tuple[Tensor, float]:
-    """Official rule: start at eps0 and double until ||C_eps^-1 C_eps - I||_F < tol.
+    """Official rule: start at eps0 and double until ||C_eps^-1 C_eps - I||_F < tol; with `also`
+    (the official second pass: the pretrained model's C on the same inputs) until the sum of that
+    norm and each further covariance's own, at the same eps, is below tol.
 
     The check runs in `check_dtype` (float32, like the official GPU code); in float64 it would
-    accept almost any eps. `inverse_check` skips the n^3 check product unless the norm is within
+    accept almost any eps. `inverse_checks` skips the n^3 check products unless the norm is within
     a factor GUARD of tol (at MiniLM/ViT widths it is 100-1000x below tol at eps0).
     """
     eps = eps0
     for _ in range(max_doublings):
         reg = add_identity(cov, eps)
-        if inverse_check(reg.to(check_dtype), tol):
+        if inverse_checks([reg.to(check_dtype)] + [add_identity(c, eps).to(check_dtype) for c in also], tol):
             return reg, eps
         eps *= 2.0
     raise ValueError(
@@ -94,11 +108,16 @@ def regularize_relative(cov: Tensor, alpha: float = 1e-3) -> tuple[Tensor, float
     return add_identity(cov, eps), eps
 
 
-def regularize(cov: Tensor, rule: Regularization, eps0: float, tol: float, alpha: float) -> tuple[Tensor, float]:
-    """C_eps and eps by ``rule``: "doubling" (from eps0 until the check passes at tol) or
-    "relative" (alpha times the mean diagonal); each rule ignores the other's settings."""
+def regularize(
+    cov: Tensor, rule: Regularization, eps0: float, tol: float, alpha: float, also: Sequence[Tensor] = ()
+) -> tuple[Tensor, float]:
+    """C_eps and eps by ``rule``: "doubling" (from eps0 until the check passes at tol, on `cov` and
+    the covariances `also`, summed: `regularize_doubling`) or "relative" (alpha times the mean
+    diagonal; `also` is refused); each rule ignores the other's settings."""
     if rule == "doubling":
-        return regularize_doubling(cov, eps0, tol)
+        return regularize_doubling(cov, eps0, tol, also=also)
     if rule == "relative":
+        if also:
+            raise ValueError("covariances checked together (eps_check_pretrained) need regularization=doubling")
         return regularize_relative(cov, alpha)
     raise ValueError(f"regularization must be one of {', '.join(get_args(Regularization))}; got {rule!r}")

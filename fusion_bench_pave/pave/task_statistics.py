@@ -175,15 +175,17 @@ class TaskStatistics:
             return None
         return parts
 
-    def __call__(self, task: str, model: nn.Module) -> CovarianceStats:
+    def __call__(self, task: str, model: nn.Module, source: str = "") -> CovarianceStats:
         """Input statistics of every included Linear of `model` on the task's calibration samples,
         from the cache or collected (`collect`) and then cached. Statistics from the cache (also right
-        after saving them there) are read lazily from it."""
+        after saving them there) are read lazily from it. `source` names a model other than the
+        task's own (e.g. "pretrained") in the log and in `hits`."""
         dataset = self.dataset(task)
         parts = self.cache_parts(task, model, dataset) if self.cache is not None else None
+        label = f"{task} ({source})" if source else task
         if parts is not None and (stats := self.cache.load(parts)) is not None:
-            log.info(f"task '{task}': covariance statistics from the cache")
-            self.hits.append(task)
+            log.info(f"task '{label}': covariance statistics from the cache")
+            self.hits.append(label)
             return stats
         stats = self.collect(task, model, dataset)
         if self.cache is None or not self.cache.writable:
