@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_fork import CliForkServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SESSION_THREADS = torch.get_num_threads()
@@ -68,12 +69,28 @@ def compose_fusion_bench(overrides: list[str], return_hydra_config: bool = False
         return compose("fabric_model_fusion", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
+_CLI: CliForkServer | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_fork_server(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The ``fusion_bench`` runner of this session (tests/cli_fork.py), started on first use with the
+    session's environment (after ``tiny_cache`` set it) and stopped at the end."""
+    global _CLI
+    _CLI = CliForkServer(Path(sys.executable).with_name("fusion_bench"), tmp_path_factory.mktemp("cli"))
+    yield _CLI
+    _CLI.close()
+
+
+def fusion_bench_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``fusion_bench`` console script of this environment as its own process (tests/cli_fork.py),
+    with the test's environment and ``cwd``; its exit status and output, as ``subprocess.run`` gives them."""
+    return _CLI.run(args, cwd=cwd, timeout=timeout)
+
+
 def run_fusion_bench(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the ``fusion_bench`` CLI of this environment in a subprocess; fail with its output."""
-    exe = Path(sys.executable).with_name("fusion_bench")
-    proc = subprocess.run(
-        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
-    )
+    """``fusion_bench_cli`` that fails the test, with the output, unless the run succeeds."""
+    proc = fusion_bench_cli(args, cwd=cwd, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"fusion_bench {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,7 @@ from fusion_bench_pave.modelpool import (
     SequenceClassificationModelPool,
 )
 
-from conftest import REPO_ROOT, compose_fusion_bench
+from conftest import REPO_ROOT, compose_fusion_bench, fusion_bench_cli
 
 
 def tiny_pool(kind: str):
@@ -111,11 +109,6 @@ def test_the_program_attaching_itself_checks_the_save_path(tmp_path):
     pool._program = SimpleNamespace(merged_model_save_path=None)
 
 
-def cli(args: list[str], cwd) -> subprocess.CompletedProcess:
-    exe = os.path.join(os.path.dirname(sys.executable), "fusion_bench")
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
-
-
 @pytest.mark.slow
 def test_cli_refuses_an_existing_merged_model_path_before_merging(tmp_path):
     """The run would fail in PAVE's covariance step (more samples than the split has) if it got
@@ -124,7 +117,7 @@ def test_cli_refuses_an_existing_merged_model_path_before_merging(tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "precious.txt").write_text("keep")
-    refused = cli(["method=pave_ties", "method.num_samples=100000", "modelpool=tiny_clip", "~taskpool",
+    refused = fusion_bench_cli(["method=pave_ties", "method.num_samples=100000", "modelpool=tiny_clip", "~taskpool",
                    f"path.log_dir={tmp_path / 'logs'}", f"merged_model_save_path={out}", "print_config=false"], REPO_ROOT)
     assert refused.returncode != 0
     output = refused.stderr + refused.stdout

@@ -8,10 +8,7 @@ if its check is removed (the input would then pass silently or die with a differ
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +32,7 @@ from fusion_bench_pave.smile.causal_lm.upscale import SmileSettings, upscale_cau
 from fusion_bench_pave.summarize import summarize
 from fusion_bench_pave.taskpool import LabelWordsTaskPool
 
-from conftest import compose_fusion_bench
+from conftest import compose_fusion_bench, fusion_bench_cli
 from pave_helpers import T5, make_pool
 from reference.tiny_models import clip_vision, decoder, noisy_copies, t5
 
@@ -479,10 +476,9 @@ def test_table_covers_every_entry_point():
 def test_cli_refuses_a_task_pool_of_another_model_kind_before_any_work(tmp_path):
     """Through the real program: the message names both command-line choices, and no covariance
     was collected (the merge would have run for minutes before the evaluation failed)."""
-    exe = Path(sys.executable).with_name("fusion_bench")
     args = ["method=pave_ta", "modelpool=tiny_t5", "taskpool=tiny_clip", f"method.cache_dir={tmp_path / 'cache'}",
             f"path.log_dir={tmp_path / 'log'}"]
-    proc = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    proc = fusion_bench_cli(args, cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert ("ValueError: the task pool CLIPVisionTaskPool (taskpool=tiny_clip) evaluates image models (pixel_values "
