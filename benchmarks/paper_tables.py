@@ -4,8 +4,9 @@ is written beside the paper's, in ``results.md`` and ``results.json``.
 
 The paper's figures are only those our design notes (../shared/design/PAVE.md, SMILE.md) give;
 every other cell says "not available to us". ``--replica`` runs the same presets on tiny offline
-replicas (hub ids swapped by CLI overrides: reference/tiny_glue.py, reference/paper_replicas.py), which
-tests the machinery, not the paper: a family without a replica is listed as not run.
+replicas (hub ids and checkpoint paths swapped by CLI overrides: reference/tiny_glue.py,
+reference/paper_replicas.py), which tests the machinery, not the paper: a family without a replica is
+listed as not run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ TA8_B32, TA8_B16, TA8_L14 = "CLIP ViT-B/32, 8 tasks", "CLIP ViT-B/16, 8 tasks", 
 # the CLIP presets of every architecture: one process (its pools differ only in the hub ids), one replica;
 # --only <presets> --set <override> sets one architecture apart (e.g. ViT-L/14's num_rows=1024)
 CLIP = "clip-vit_ta8"
+# the open_clip presets (the paper's own task-vectors checkpoints, FusionBench's OpenCLIPVisionModelPool): one family
+OPENCLIP = "openclip-vit_ta8"
+OPENCLIP_TABLES = {arch: f"open_clip ViT-{name}, 8 tasks (task-vectors checkpoints)"
+                   for arch, name in (("b32", "B/32"), ("b16", "B/16"), ("l14", "L/14"))}
 LLM = "LLM math+code, GSM8K (paper: Llama-2-7B fine-tunes; here Qwen2.5-7B, -Math, -Coder)"
 
 #: paper -> its table rows, in table order (the rows of one family together: a family runs as one process)
@@ -65,6 +70,10 @@ PAPERS: dict[str, list[PaperRow]] = {
           for arch, table in (("b32", TA8_B32), ("b16", TA8_B16), ("l14", TA8_L14))
           for suffix, note in (("", " (official: test-split calibration)"),
                                ("_train", ", train-split calibration (variant, not a paper row)"))
+          for method, name in (("ta", "Task Arithmetic"), ("ties", "TIES-Merging"), ("emr", "EMR-Merging"))],
+        *[PaperRow(f"pave_{method}_openclip-vit-{arch}_ta8", OPENCLIP, table,
+                   f"{name} + PAVE (official: test-split calibration, MLP only)", "accuracy")
+          for arch, table in OPENCLIP_TABLES.items()
           for method, name in (("ta", "Task Arithmetic"), ("ties", "TIES-Merging"), ("emr", "EMR-Merging"))],
         # lm-eval writes GSM8K's score to its own output, not to FusionBench's report
         PaperRow("pave_ta_qwen2.5-7b_math_code", "qwen2.5-7b_math_code", LLM,
@@ -124,11 +133,19 @@ def replica_zoo(kind: str, overrides: str, metric: str | None = None) -> Replica
     return Replica(build, metric)
 
 
+def replica_openclip(root: Path, cfg) -> list[str]:
+    """Tiny pickled open_clip encoders, heads and data built under ``root`` (reference/paper_replicas.py)."""
+    from reference.paper_replicas import openclip_overrides
+
+    return openclip_overrides(root, cfg)
+
+
 #: family -> its tiny offline replica
 REPLICAS: dict[str, Replica] = {
     "roberta-base_glue": replica_glue("roberta"),
     "gpt-2_glue": replica_glue("gpt2"),
     CLIP: replica_zoo("clip", "clip_overrides"),
+    OPENCLIP: Replica(replica_openclip),
     "flan-t5-base_glue": replica_zoo("t5", "flan_t5_overrides"),
     "flan-t5-base_glue_lora16": replica_zoo("t5", "flan_t5_overrides"),
     "mistral-7b": replica_zoo("mistral", "causal_lm_overrides", metric="accuracy"),

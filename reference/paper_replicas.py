@@ -1,5 +1,5 @@
-"""Offline replicas of the papers' CLIP, Flan-T5 and causal-LM hub setups, built from the tiny zoos
-(``fusion_bench_pave.assets.tiny``): each function returns the CLI overrides that swap a composed
+"""Offline replicas of the papers' CLIP, open_clip, Flan-T5 and causal-LM setups, built from the tiny zoos
+(``fusion_bench_pave.assets.tiny``; open_clip: tiny pickled encoders, ``build_openclip_replica``): each function returns the CLI overrides that swap a composed
 preset's hub ids (models, processor, tokenizer, datasets) for local ones. The presets' own settings
 (method, merger, protocol keys, pool and task pool classes) stay as they are, except where a function's
 docstring names a setting the tiny data cannot hold.
@@ -24,6 +24,14 @@ CLIP_DATASET_NODES = ("modelpool.train_datasets", "modelpool.test_datasets", "ta
 # their first 256 rows (the same split, order and protocol as the preset's)
 CLIP_CALIBRATION = ["method.num_samples=32", "method.num_rows=256"]
 CLIP_LOADER = ["taskpool.dataloader_kwargs.num_workers=0", "taskpool.dataloader_kwargs.pin_memory=false"]
+# open_clip replica: OPENCLIP_SOURCES tiny fine-tuned encoders, dealt round robin to the eight task names, each
+# with its own data; test splits of 16 images (17 token rows each), so PAVE calibrates on 16 images, 256 rows
+OPENCLIP_SOURCES, OPENCLIP_IMAGES = 3, {"train": 8, "test": 16}
+OPENCLIP_CALIBRATION = ["method.num_samples=16", "method.num_rows=256"]
+# test labels of source k: CLASS_COUNTS[k][c] images of class c. Each task's head favours one class (its bias
+# outweighs any feature term), so a task's accuracy is that class's share of its source's test split: eight
+# distinct numbers, changed by any head or dataset dealt to the wrong task
+CLASS_COUNTS = ((1, 4, 11), (2, 5, 9), (3, 6, 7))
 LORA_RANK = 16  # the preset's checkpoints are rank-16 LoRA adapters of q and v (tanganke/flan-t5-base_glue-*_lora-16)
 FLAN_LENGTH = 64  # input tokens of the replica's prompts (the word-level tokenizer has no model_max_length)
 
@@ -45,15 +53,79 @@ def clip_overrides(zoo: Path, cfg) -> list[str]:
     # class names and prompts of the tiny task behind each name (the zoo's text tower reads 64 characters)
     overrides += [f"taskpool.dataset_templates.{task}={{module:fusion_bench_pave.assets.tiny_tasks,"
                   f"classnames:{tiny[task]}_classnames,templates:templates}}" for task in tiny]
+    overrides += _dataset_overrides(cfg, {task: zoo / "data" / source for task, source in tiny.items()})
+    if "num_rows" in cfg.method:  # PAVE
+        overrides += CLIP_CALIBRATION
+    return [f"++{override}" for override in [*overrides, *CLIP_LOADER]]
+
+
+def _dataset_overrides(cfg, data: dict[str, Path]) -> list[str]:
+    """Each dataset node of the pools' FusionBench image datasets -> ``data[task]``, a directory of saved
+    train/ and test/ splits that ``datasets.load_dataset(<dir>, split=...)`` reads."""
+    overrides = []
     for node in CLIP_DATASET_NODES:
         group, key = node.split(".")
         for task, dataset in (cfg[group].get(key) or {}).items():
-            # datasets.load_dataset(<saved dataset dir>, split=...) reads the zoo's train/ and test/ splits
             field = "path" if "path" in dataset else "_args_"  # FusionBench's svhn passes ["svhn", "cropped_digits"]
-            value = zoo / "data" / tiny[task]
-            overrides.append(f"{node}.{task}.{field}={value if field == 'path' else [str(value)]}")
+            overrides.append(f"{node}.{task}.{field}={data[task] if field == 'path' else [str(data[task])]}")
+    return overrides
+
+
+def build_openclip_replica(root: Path, tasks: list[str]) -> dict[str, Path]:
+    """Tiny open_clip checkpoints as the task-vectors code writes them (whole pickled ``ImageEncoder``s,
+    ``ClassificationHead``s) and image data, under ``root`` (built once, reused when complete): the
+    pretrained encoder, OPENCLIP_SOURCES perturbed copies with their datasets, one head per task of
+    ``tasks`` (task i: source i mod 3, favoured class i // 3 mod 3). Returns task -> checkpoint, and
+    ``head_<task>`` / ``data_<task>`` / ``_pretrained_`` entries."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+
+    from fusion_bench.models.open_clip import ClassificationHead
+    from reference.tiny_models import open_clip_encoder, perturbed
+
+    paths = {"_pretrained_": root / "pretrained.pt"}
+    for i, task in enumerate(tasks):
+        source = f"tiny{i % OPENCLIP_SOURCES}"
+        paths |= {task: root / "models" / f"{source}.pt", f"data_{task}": root / "data" / source,
+                  f"head_{task}": root / "heads" / f"{task}.pt"}
+    if (root / "complete").exists():
+        return paths
+    for folder in ("models", "data", "heads"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    base = open_clip_encoder()
+    torch.save(base, paths["_pretrained_"])
+    for k in range(OPENCLIP_SOURCES):
+        torch.save(perturbed(base, 100 + k), root / "models" / f"tiny{k}.pt")
+        rng = np.random.default_rng(300 + k)
+        for split, n in OPENCLIP_IMAGES.items():
+            labels = [c for c, count in enumerate(CLASS_COUNTS[k]) for _ in range(count)] if split == "test" else \
+                [i % 3 for i in range(n)]
+            images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in labels]
+            Dataset.from_dict({"image": images, "label": labels}).save_to_disk(str(root / "data" / f"tiny{k}" / split))
+    for i, task in enumerate(tasks):
+        weights = torch.randn(3, 16, generator=torch.Generator().manual_seed(i))
+        weights = 0.25 * weights / weights.norm(dim=1, keepdim=True)  # feature term within +-0.25 (unit features)
+        torch.save(ClassificationHead(normalize=True, weights=weights, biases=torch.eye(3)[i // 3 % 3]),
+                   paths[f"head_{task}"])
+    (root / "complete").touch()
+    return paths
+
+
+def openclip_overrides(root: Path, cfg) -> list[str]:
+    """Point an open_clip eight-task preset (composed ``cfg``, FusionBench's OpenCLIPVisionModelPool) at
+    tiny checkpoints built under ``root`` (``build_openclip_replica``). Each model is named by its pickle's
+    path, as the B/16 and L/14 pools name theirs: the B/32 pool's {model_name, pickle_path} entries would
+    rebuild ``ImageEncoder("ViT-B-32")`` from the hub before loading the weights into it. A PAVE preset
+    calibrates on OPENCLIP_CALIBRATION; the task pool reads in the main process."""
+    tasks = [task for task in cfg.modelpool.models if task != "_pretrained_"]
+    paths = build_openclip_replica(root, tasks)
+    overrides = [f"modelpool.models.{task}={paths[task]}" for task in ["_pretrained_", *tasks]]
+    overrides += [f"{pool}.classification_heads.{task}={paths[f'head_{task}']}" for pool in ("modelpool", "taskpool")
+                  for task in tasks]
+    overrides += _dataset_overrides(cfg, {task: paths[f"data_{task}"] for task in tasks})
     if "num_rows" in cfg.method:  # PAVE
-        overrides += CLIP_CALIBRATION
+        overrides += OPENCLIP_CALIBRATION
     return [f"++{override}" for override in [*overrides, *CLIP_LOADER]]
 
 

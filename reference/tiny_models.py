@@ -41,6 +41,29 @@ def clip_vision(seed: int = 0, **config) -> nn.Module:
     return CLIPVisionModel(CLIPVisionConfig(**{**CLIP_VISION, **config})).eval()
 
 
+def open_clip_encoder(seed: int = 0) -> nn.Module:
+    """FusionBench's open_clip ``ImageEncoder`` around a 2-block ViT (width 32, 32x32 images in 8x8
+    patches, 16-dim embedding), built as ``ImageEncoder("ViT-B-32")`` builds its own (text transformer
+    dropped) but without a download: what the task-vectors checkpoints pickle whole."""
+    import open_clip
+
+    from fusion_bench.models.open_clip import ImageEncoder
+
+    torch.manual_seed(seed)
+    clip = open_clip.model.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+    )
+    del clip.transformer
+    encoder = ImageEncoder.__new__(ImageEncoder)
+    nn.Module.__init__(encoder)
+    encoder.model = clip.eval()
+    encoder.train_preprocess = open_clip.image_transform(IMAGE_SIZE, is_train=True)
+    encoder.val_preprocess = open_clip.image_transform(IMAGE_SIZE, is_train=False)
+    return encoder
+
+
 def t5(seed: int = 0, **config) -> nn.Module:
     """A Flan-T5-style ``T5ForConditionalGeneration`` (gated-GELU feed-forward) by default."""
     from transformers import T5Config, T5ForConditionalGeneration

@@ -16,19 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import open_clip
-
 import fusion_bench_pave.plugin  # noqa: F401  (compat repair: typing.override on Python 3.11)
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool.openclip_vision import OpenCLIPVisionModelPool
-from fusion_bench.models.open_clip import ImageEncoder
 from fusion_bench_pave.io.smile import load_smile_model, save_smile_model
 from fusion_bench_pave.pave import PAVE
 from fusion_bench_pave.pave.calibration import ImageTransform
 from fusion_bench_pave.pave.covariance import collect_covariance
 from fusion_bench_pave.smile import upscale_model  # noqa: E402
 from pave_helpers import image_dataset  # noqa: E402
-from reference.tiny_models import noisy_copies, perturbed  # noqa: E402
+from reference.tiny_models import noisy_copies, open_clip_encoder, perturbed  # noqa: E402
 
 TA = {"_target_": "fusion_bench.method.TaskArithmeticAlgorithm", "scaling_factor": 0.3}
 BLOCKS = [f"model.visual.transformer.resblocks.{i}" for i in range(2)]
@@ -36,29 +33,11 @@ MLP = [f"{block}.mlp.{name}" for block in BLOCKS for name in ("c_fc", "c_proj")]
 ATTENTION = [f"{block}.attn.{name}" for block in BLOCKS for name in ("in_proj_q", "in_proj_k", "in_proj_v", "out_proj")]
 
 
-def tiny_encoder(seed: int = 0) -> ImageEncoder:
-    """FusionBench's ImageEncoder around a 2-block open_clip ViT (width 32, 32x32 images), built as
-    ImageEncoder("ViT-B-32") builds its own (text transformer dropped) but without a download."""
-    torch.manual_seed(seed)
-    clip = open_clip.model.CLIP(
-        embed_dim=16,
-        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0),
-        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
-    )
-    del clip.transformer
-    encoder = ImageEncoder.__new__(ImageEncoder)
-    nn.Module.__init__(encoder)
-    encoder.model = clip.eval()
-    encoder.train_preprocess = open_clip.image_transform(32, is_train=True)
-    encoder.val_preprocess = open_clip.image_transform(32, is_train=False)
-    return encoder
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, nn.Module]:
     """The pretrained encoder and three perturbed copies; TRAIN gets each task's train split config (a
     dataset saved on disk, which the pool instantiates)."""
-    base = tiny_encoder()
+    base = open_clip_encoder()
     models = {"_pretrained_": base, **{f"task{i}": perturbed(base, 100 + i) for i in range(3)}}
     for i in range(3):
         path = tmp_path_factory.mktemp("data") / f"task{i}"
@@ -96,8 +75,8 @@ def test_calibration_uses_the_deterministic_val_preprocess(family):
     preprocessor = load_preprocessor(pool(family))
     assert isinstance(preprocessor, ImageTransform)
     assert preprocessor.transform is not None and "RandomResizedCrop" not in repr(preprocessor.transform)
-    assert preprocessor_fingerprint(preprocessor) == preprocessor_fingerprint(ImageTransform(tiny_encoder().val_preprocess))
-    assert preprocessor_fingerprint(preprocessor) != preprocessor_fingerprint(ImageTransform(tiny_encoder().train_preprocess))
+    assert preprocessor_fingerprint(preprocessor) == preprocessor_fingerprint(ImageTransform(open_clip_encoder().val_preprocess))
+    assert preprocessor_fingerprint(preprocessor) != preprocessor_fingerprint(ImageTransform(open_clip_encoder().train_preprocess))
 
 
 @pytest.mark.parametrize("purify_attention", [False, True])
@@ -203,7 +182,7 @@ def test_smile_at_full_rank_reproduces_the_finetuned_model_and_reloads(family, t
         outputs = model(pixels)
         torch.testing.assert_close(outputs, finetuned[0](pixels), rtol=1e-5, atol=1e-5)
         save_smile_model(model, tmp_path / "smile")
-        again = load_smile_model(tiny_encoder(), tmp_path / "smile")
+        again = load_smile_model(open_clip_encoder(), tmp_path / "smile")
         assert torch.equal(again(pixels), outputs)
     assert state(again).keys() == state(model).keys()
     assert all(torch.equal(value, state(again)[key]) for key, value in state(model).items())

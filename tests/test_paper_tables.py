@@ -2,7 +2,7 @@
 to end through the ``fusion_bench`` CLI on the tiny offline replicas (reference/tiny_glue.py,
 reference/paper_replicas.py; hub ids swapped by overrides, the presets' own settings unchanged), and the
 table puts the paper's figure beside the measured one. The PAVE CLIP and LLM presets run the same way in
-tests/test_presets_clip_run.py."""
+tests/test_presets_clip_run.py, the open_clip ones in tests/test_openclip_presets_run.py."""
 
 from __future__ import annotations
 
