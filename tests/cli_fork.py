@@ -7,8 +7,8 @@ takes the call's working directory, environment, argv and output files, runs the
 ``_hydra_main`` and exits with its status after the ``atexit`` handlers, as the script does.
 
 Only what a fresh process reads at start-up differs, so a call whose environment differs from the
-server's in anything but ``OMP_NUM_THREADS`` (applied with ``torch.set_num_threads``, as torch reads it at
-start-up) gets a real subprocess instead. ``FUSION_BENCH_PAVE_TEST_CLI=subprocess`` turns the server off.
+server's in anything but ``RUNTIME_ENV`` (``OMP_NUM_THREADS`` is applied with ``torch.set_num_threads``)
+gets a real subprocess instead. ``FUSION_BENCH_PAVE_TEST_CLI=subprocess`` turns the server off.
 
 Protocol, one JSON line each way: request {args, cwd, env, out, err} -> {"pid"} once forked, then {"rc"}.
 """
@@ -22,7 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNTIME_ENV = {"OMP_NUM_THREADS"}  # the variables the child can still apply itself
+# variables the child can still apply itself: the thread count (torch.set_num_threads) and pytest's
+# name of the running test, which nothing reads at import
+RUNTIME_ENV = {"OMP_NUM_THREADS", "PYTEST_CURRENT_TEST"}
 
 
 def _run_child(request: dict, script: str) -> int:
