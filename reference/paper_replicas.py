@@ -1,8 +1,8 @@
 """Offline replicas of the papers' CLIP, open_clip, Flan-T5 and causal-LM setups, built from the tiny zoos
-(``fusion_bench_pave.assets.tiny``; open_clip: tiny pickled encoders, ``build_openclip_replica``): each function returns the CLI overrides that swap a composed
-preset's hub ids (models, processor, tokenizer, datasets) for local ones. The presets' own settings
-(method, merger, protocol keys, pool and task pool classes) stay as they are, except where a function's
-docstring names a setting the tiny data cannot hold.
+(``fusion_bench_pave.assets.tiny``; open_clip: tiny pickled encoders, ``build_openclip_replica``): each
+function returns the CLI overrides that swap a composed preset's hub ids (models, processor, tokenizer,
+datasets) for local ones. The presets' own settings (method, merger, protocol keys, pool and task pool
+classes) stay as they are, except where a function's docstring names a setting the tiny data cannot hold.
 
 Every override is ``++``: a multirun first composes the config without its swept presets, where these
 keys are absent."""
