@@ -8,7 +8,8 @@ evaluated on the README table's test rows (the first 100 per task, as ``reproduc
     python -m benchmarks.smollm_llm_protocol streamed --out benchmarks/results/smollm_llm_protocol \
         --checkpoint "PAVE + Task Arithmetic (streamed)=/tmp/streamed_pave_ta" ...
 
-Each step adds its rows to ``<out>/rows.json``; ``report`` writes results.json and results.md from them.
+Each step adds its rows (test accuracy per task, merge seconds, kept ranks, weight equality) to
+``<out>/rows.json``; results.md in benchmarks/results/smollm_llm_protocol/ reports them.
 """
 
 from __future__ import annotations
