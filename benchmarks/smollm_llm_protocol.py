@@ -2,9 +2,10 @@
 eps0 0.01, eps_tol 1e-2), in-memory (``method=pave_ta``) and streamed (``method=pave_causal_lm``),
 evaluated on the README table's test rows (the first 100 per task, as ``reproduce.py --test-rows 100``).
 
-    # in-memory: Task Arithmetic alone and PAVE + TA; the PAVE + TA weights are saved for the comparison
+    # in-memory: Task Arithmetic alone and PAVE + TA; the PAVE + TA weights go to --weights for the comparison
     python -m benchmarks.smollm_llm_protocol inmemory --out benchmarks/results/smollm_llm_protocol
-    # streamed checkpoints written by the CLI (results.md lists the commands), then evaluated and compared
+    # streamed checkpoints written by the CLI (benchmarks/results/smollm_llm_protocol/run.sh runs every step),
+    # then evaluated and compared
     python -m benchmarks.smollm_llm_protocol streamed --out benchmarks/results/smollm_llm_protocol \
         --checkpoint "PAVE + Task Arithmetic (streamed)=/tmp/streamed_pave_ta" ...
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,8 +50,9 @@ def row(name: str, method: str, overrides: list[str], report: dict, seconds: flo
             "test": {t: report[t]["accuracy"] for t in tasks}, "average": report["average"]["accuracy"], **extra}
 
 
-def inmemory(bench: Bench, out: Path) -> None:
-    """Task Arithmetic (lambda 1.0) alone and in-memory PAVE + TA under the LLM protocol."""
+def inmemory(bench: Bench, out: Path, weights: Path) -> None:
+    """Task Arithmetic (lambda 1.0) alone and in-memory PAVE + TA under the LLM protocol; the PAVE + TA
+    state dict goes to ``weights`` (outside the repository: 0.5 GB) for the ``streamed`` comparison."""
     rows = []
     model, _, seconds = bench.merge("task_arithmetic", ["method.scaling_factor=1.0"])
     rows.append(row("Task Arithmetic", "task_arithmetic", ["method.scaling_factor=1.0"],
@@ -63,7 +66,7 @@ def inmemory(bench: Bench, out: Path) -> None:
     result = algorithm.run(modelpool)
     seconds = time.perf_counter() - start
     model, extras = result["model"], result
-    torch.save(model.state_dict(), out / "inmemory_pave_ta.pt")
+    torch.save(model.state_dict(), weights)
     kept = extras.get("pave", {}).get("kept_ratio")
     rows.append(row("PAVE + Task Arithmetic (in-memory)", "pave_ta", overrides, bench.evaluate(model, "test"),
                     seconds, kept_ratio=kept))
@@ -84,7 +87,7 @@ def weight_difference(a: dict, b: dict) -> dict:
             "unequal_tensors": sum(not torch.equal(a[k], b[k]) for k in a), "tensors": len(a)}
 
 
-def streamed(bench: Bench, out: Path, checkpoints: list[str], compare: str | None) -> None:
+def streamed(bench: Bench, out: Path, weights: Path, checkpoints: list[str], compare: str | None) -> None:
     """Evaluate merged checkpoints written by the streamed CLI; ``compare`` names the one whose weights
     are compared with the saved in-memory PAVE + TA."""
     rows = []
@@ -93,7 +96,7 @@ def streamed(bench: Bench, out: Path, checkpoints: list[str], compare: str | Non
         model = load(Path(path))
         extra = {"checkpoint": path}
         if name == compare:
-            reference = torch.load(out / "inmemory_pave_ta.pt")
+            reference = torch.load(weights)
             extra["equality_with_inmemory"] = weight_difference(reference, model.state_dict())
         rows.append(row(name, "pave_causal_lm", [], bench.evaluate(model, "test"), None, **extra))
     add_rows(out, rows)
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["inmemory", "streamed"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smollm_llm_protocol"))
+    parser.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "smollm_inmemory_pave_ta.pt",
+                        help="where inmemory saves the PAVE + TA state dict that streamed compares with")
     parser.add_argument("--checkpoint", nargs="+", default=[], metavar="NAME=PATH")
     parser.add_argument("--compare", default=None, help="checkpoint NAME compared with the in-memory PAVE + TA")
     args = parser.parse_args(argv)
@@ -112,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench("smollm", cache_root(), None, TEST_ROWS)
     start = time.perf_counter()
     if args.step == "inmemory":
-        inmemory(bench, args.out)
+        inmemory(bench, args.out, args.weights)
     else:
-        streamed(bench, args.out, args.checkpoint, args.compare)
+        streamed(bench, args.out, args.weights, args.checkpoint, args.compare)
     print(f"{args.step}: {time.perf_counter() - start:.0f} s")
 
 
