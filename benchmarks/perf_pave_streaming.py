@@ -10,8 +10,8 @@ row projects full depth from the measured ones.
 The official LLM protocol otherwise (rho 4089/4096, uniform, eps0 0.01, eps_tol 1e-2, weights used in
 float32), but by default only the k/v projections are purified and the calibration is one sequence of
 128 tokens: purifying q/o/gate/up/down takes five float64 eigendecompositions of 4096 x 4096 Gram
-matrices per layer and model (3-4 minutes each on 2 loaded cores here). Even so the default run took
-about 25 minutes on 2 cores shared with other jobs (load average 4-14), not the 5 minutes aimed at.
+matrices per layer and model. The default run takes about 8.5 minutes on 2 cores (25 minutes when other
+jobs share them).
 ``--purify all --tokens 512`` is the full protocol (hours on 2 cores).
 
     python -m benchmarks.perf_pave_streaming [--depths 1 2 3] [--models 2] [--purify k_proj v_proj | all] [--tokens 128]
