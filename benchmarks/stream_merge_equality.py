@@ -10,7 +10,7 @@ each side's memory is measured alone. The second process loads its models only f
 FusionBench's in-place edits touch nothing else (what deep copies are for elsewhere) and its peak
 holds no copies. DARE draws from a generator seeded with ``--seed`` on our side and from torch's
 global generator after ``torch.manual_seed(--seed)`` on FusionBench's. FusionBench's TIES and
-DARE-TIES flatten every model into one vector (21 GB peak on the SmolLM2 zoo): they are skipped,
+DARE-TIES flatten every model into one vector (17 GB peak on the SmolLM2 zoo): they are skipped,
 loudly, when MemAvailable is under ``--min-available-gb``.
 
 Defaults: the SmolLM2 zoo (``python -m fusion_bench_pave.assets.install text llm``, built on first
