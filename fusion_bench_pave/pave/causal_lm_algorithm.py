@@ -51,7 +51,6 @@ class PAVECausalLM(CollectionKeys, LightningFabricMixin, BaseAlgorithm):
     Under Fabric DDP (``num_rows: null``, ``num_samples`` of at least one batch per rank) the ranks share
     the calibration batches, the purification and the merge (``causal_lm_purification``)."""
 
-    purify_attention = False  # these decoders' attention is plain Linears (no nn.MultiheadAttention)
     unsupported_keys = {
         "eps_check_pretrained": "the official LLM path checks eps on each fine-tuned model's covariance alone "
         "(NLG/model_merging_methods/task_vector.py), and the streamed statistics are collected for the "

@@ -67,6 +67,10 @@ class CollectionKeys:
     """The settings of statistics collection from a class's constructor keys of the same names
     (PAVE's and pave_statistics'); exclude_modules=None means the model's task heads."""
 
+    #: optional key: a class without it (PAVECausalLM: its decoders' attention is plain Linears) collects
+    #: the inputs of Linears only
+    purify_attention: bool = False
+
     def excluded_patterns(self, model: nn.Module) -> list[str]:
         """Patterns of the Linears of `model` without statistics: the configured ones, else its heads
         (HEADS and pave.heads.head_modules)."""
