@@ -60,8 +60,8 @@ def test_equals_fusion_bench_regmean_given_the_same_gram_matrices(pool_and_stats
     kind, stats = pool_and_stats
     ours = RegMeanFromStatistics(statistics=str(stats), reduce_non_diagonal_ratio=ratio).run(make_pool(kind))
     oracle = GramsGiven(stats, reduce_non_diagonal_ratio=ratio, exclude_param_names_regex=[]).run(float64_pool(kind))
-    mean = {k: torch.stack([make_pool(kind).load_model(f"task{i}").state_dict()[k] for i in range(3)]).mean(0)
-            for k in oracle.state_dict()}
+    finetuned = [make_pool(kind).load_model(f"task{i}").state_dict() for i in range(3)]
+    mean = {k: torch.stack([state[k] for state in finetuned]).mean(0) for k in oracle.state_dict()}
     linear_weights = 0
     for key, expected in oracle.state_dict().items():
         got = ours.state_dict()[key]
