@@ -21,13 +21,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 # variables the child can still apply itself: the thread count (torch.set_num_threads) and pytest's
 # name of the running test, which nothing reads at import
 RUNTIME_ENV = {"OMP_NUM_THREADS", "PYTEST_CURRENT_TEST"}
 
 
-def _run_child(request: dict, script: str) -> int:
+def _run_child(request: dict, script: str) -> NoReturn:
     """In the forked child: become the console script run with the request's cwd, env, argv and files."""
     import atexit
 
@@ -124,9 +125,10 @@ class CliForkServer:
             rc = json.loads(self.proc.stdout.readline())["rc"]
         finally:
             timer.cancel()
-        result = subprocess.CompletedProcess([str(self.script), *args], rc, out.read_text(), err.read_text())
-        out.unlink()
-        err.unlink()
+        output = [path.read_text() if path.exists() else "" for path in (out, err)]  # none if killed before opening
+        out.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
+        result = subprocess.CompletedProcess([str(self.script), *args], rc, *output)
         if timer.fired:
             raise subprocess.TimeoutExpired(result.args, timeout, result.stdout, result.stderr)
         return result
