@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.reproduce import Bench, compose, instantiate
+from benchmarks.stream_merge_equality import compare as compare_state_dicts
 
 # the official LLM purification, with calibration on this zoo's short prompts: 64 prompts per task from
 # the train split, at most 96 tokens (every prompt fits), batches padded to their longest prompt and
@@ -79,14 +80,6 @@ def load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def weight_difference(a: dict, b: dict) -> dict:
-    """torch.equal over every tensor, and the largest absolute difference."""
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    return {"all_equal": all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff,
-            "unequal_tensors": sum(not torch.equal(a[k], b[k]) for k in a), "tensors": len(a)}
-
-
 def streamed(bench: Bench, out: Path, weights: Path, checkpoints: list[str], compare: str | None) -> None:
     """Evaluate merged checkpoints written by the streamed CLI; ``compare`` names the one whose weights
     are compared with the saved in-memory PAVE + TA."""
@@ -97,7 +90,7 @@ def streamed(bench: Bench, out: Path, weights: Path, checkpoints: list[str], com
         extra = {"checkpoint": path}
         if name == compare:
             reference = torch.load(weights)
-            extra["equality_with_inmemory"] = weight_difference(reference, model.state_dict())
+            extra["equality_with_inmemory"] = compare_state_dicts(model.state_dict(), reference)
         rows.append(row(name, "pave_causal_lm", [], bench.evaluate(model, "test"), None, **extra))
     add_rows(out, rows)
 
