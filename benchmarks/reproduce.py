@@ -22,6 +22,9 @@ evaluated once on the test task pool. Writes ``results.json``, ``results.md`` an
     # the GLUE-protocol zoo over its fine-tuning seeds, PAVE under the official protocol at the paper's rho
     python -m benchmarks.reproduce --zoo minilm_glue_s0 minilm_glue_s1 minilm_glue_s2 --official \
         --only task_arithmetic ties_merging dare/ties_merging emr_merging/emr_merging --out benchmarks/results/minilm_glue
+    # the SmolLM2 zoo under the official LLM protocol, rho chosen on validation
+    python -m benchmarks.reproduce --zoo smollm --official llm --rhos 0.998291015625 0.995 0.984375 0.96875 \
+        --only task_arithmetic emr_merging/emr_merging --num-samples 64 --max-length 96 --val-rows 40 --test-rows 100
 """
 
 from __future__ import annotations
@@ -57,8 +60,19 @@ ZOOS = {
 # PAVE as the official code runs it on GLUE (design/PAVE.md; the rho stays the method yaml's paper value):
 # one kept ratio per model, the first 4096 token rows of the train split, padding to the batch's longest
 # text, padding tokens included in the covariance
-OFFICIAL_PROTOCOL = ["method.allocation=per_model", "method.num_rows=4096", "method.calibration_padding=longest",
-                     "method.mask_padding=false"]
+# PAVE's official LLM protocol (config/method/pave_causal_lm.yaml): rho 4089/4096 unless --rhos, one
+# kept ratio for every layer, eps doubled from 0.01 to a 1e-2 inverse residual. Calibration stays the
+# run's own (--num-samples, --max-length, padding left out): one text padded to 512 tokens would be
+# mostly padding for prompts of 60-70 tokens
+OFFICIAL_PROTOCOLS = {
+    "glue": ["method.allocation=per_model", "method.num_rows=4096", "method.calibration_padding=longest",
+             "method.mask_padding=false"],
+    "llm": ["method.allocation=uniform", "method.eps0=0.01", "method.eps_tol=0.01", "method.regularization=doubling",
+            "method.floor_factor=1.5", "method.num_rows=null", "method.batch_size=16",
+            "method.calibration_padding=longest", "method.mask_padding=true", "method.sample_order=random",
+            "method.seed=42", "method.calibration_split=train"],
+}
+OFFICIAL_RHO = {"glue": None, "llm": 0.998291015625}  # None: the method yaml's paper rho
 
 # (row name, fusion_bench method, PAVE counterpart or None, tuned merger keys)
 # in order of priority: a run cut short still has the most informative rows
@@ -231,9 +245,10 @@ def run(args: argparse.Namespace) -> dict:
     # PAVE keeps the base method's lambda (chosen on validation) and chooses rho on validation
     # (--rhos), or keeps its yaml's rho (the paper's value) if --rhos is not given; calibration
     # inputs are truncated like the zoo's training and evaluation inputs
-    rhos = [f"method.rho={x}" for x in args.rhos] if args.rhos else [None]
+    default_rho = OFFICIAL_RHO.get(args.official)
+    rhos = [f"method.rho={x}" for x in args.rhos] if args.rhos else [f"method.rho={default_rho}" if default_rho else None]
     calibration = [f"method.max_length={args.max_length}", f"method.num_samples={args.num_samples}",
-                   *(OFFICIAL_PROTOCOL if args.official else [])]
+                   *OFFICIAL_PROTOCOLS.get(args.official, [])]
     def attempt(name: str, step) -> dict | None:
         """Run one row; a failure is recorded (and reported) instead of ending the run."""
         try:
@@ -302,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="PAVE rho grid chosen on validation (default: each method yaml's paper rho)")
     parser.add_argument("--max-length", type=int, default=64, help="PAVE calibration truncation")
     parser.add_argument("--num-samples", type=int, default=128, help="PAVE calibration samples per task")
-    parser.add_argument("--official", action="store_true",
-                        help="PAVE under the official GLUE protocol (per_model, first 4096 rows, padding longest)")
+    parser.add_argument("--official", nargs="?", const="glue", choices=sorted(OFFICIAL_PROTOCOLS), default=None,
+                        help="PAVE under an official protocol: glue (the default; per_model, first 4096 rows, "
+                             "padding longest) or llm (uniform, rho 4089/4096, eps doubled from 0.01)")
     parser.add_argument("--purified-alone", type=float, nargs="+", default=None, metavar="RHO",
                         help="diagnostic: each task's PAVE-purified model alone on its task, at these rho")
     parser.add_argument("--random-control", action="store_true",
