@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.perf_smile_streaming import MISTRAL_7B_LAYERS, VOCAB, generated_checkpoints, print_table, projection, run_child
+from benchmarks.child import print_table, run_child
+from benchmarks.perf_smile_streaming import MISTRAL_7B_LAYERS, VOCAB, generated_checkpoints, projection
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

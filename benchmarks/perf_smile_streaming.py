@@ -20,8 +20,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from benchmarks.child import print_table, run_child, vm_hwm_mb
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 1024
 
@@ -126,15 +126,6 @@ def streaming(args: argparse.Namespace) -> list[dict]:
 MISTRAL_7B_LAYERS = 32
 
 
-def run_child(script: str, arguments: dict) -> dict:
-    """Run ``script`` in a fresh Python with ``arguments`` as JSON in argv[1]; the JSON of its last
-    output line (RuntimeError with its stderr if it fails)."""
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(arguments)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def projection(rows: list[dict], layers: int, time_key: str = "upscale_s", count_key: str = "experts") -> dict:
     """Full-depth estimate from the measured depths. Time: the deepest run's seconds per layer (its
     one-off costs spread over its layers, so an upper bound; a line fit is useless when the load of
@@ -152,11 +143,6 @@ def projection(rows: list[dict], layers: int, time_key: str = "upscale_s", count
             "peak_rss_mb": round(max(rss) + max(0.0, rss_slope) * (layers - max(depths))),
             time_key: round(per_layer_s * layers), f"{time_key}_per_layer": round(per_layer_s, 1),
             "peak_rss_mb_per_layer": round(rss_slope, 1)}
-
-
-def vm_hwm_mb() -> float:
-    """This process's peak resident set (VmHWM) in MiB."""
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
 
 
 def param_mb(model: torch.nn.Module) -> float:
@@ -254,15 +240,6 @@ def main() -> None:
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print_table(rows)
     print(f"wrote {out}")
-
-
-def print_table(rows: list[dict]) -> None:
-    """The rows as a Markdown table (columns of the first row; per-repeat times left out)."""
-    keys = [k for k in rows[0] if k != "times_ms"]
-    print(" | ".join(keys))
-    print(" | ".join("---" for _ in keys))
-    for row in rows:
-        print(" | ".join(f"{row.get(k, ''):.1e}" if isinstance(row.get(k), float) and abs(row[k]) < 1e-2 else str(row.get(k, "")) for k in keys))
 
 
 if __name__ == "__main__":

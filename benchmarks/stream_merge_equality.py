@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf_smile_streaming import print_table, run_child, vm_hwm_mb
+from benchmarks.child import print_table, run_child, vm_hwm_mb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("task_arithmetic", "ties_merging", "dare_ties_merging")

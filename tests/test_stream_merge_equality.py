@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import stream_merge_equality
-from benchmarks.perf_smile_streaming import run_child
+from benchmarks.child import run_child
 from benchmarks.stream_merge_equality import CHILD, METHODS, child, compare, main
 from reference.tiny_models import decoder, noisy_copies, tokenizer
 
