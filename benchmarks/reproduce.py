@@ -57,13 +57,13 @@ ZOOS = {
                                 "val": "zoo_minilm_glue_val", "smile": SMILE_UPSCALING,
                                 "pave": ["method.exclude_modules=[pooler.dense]"]} for seed in range(3)},
 }
-# PAVE as the official code runs it on GLUE (design/PAVE.md; the rho stays the method yaml's paper value):
-# one kept ratio per model, the first 4096 token rows of the train split, padding to the batch's longest
-# text, padding tokens included in the covariance
-# PAVE's official LLM protocol (config/method/pave_causal_lm.yaml): rho 4089/4096 unless --rhos, one
-# kept ratio for every layer, eps doubled from 0.01 to a 1e-2 inverse residual. Calibration stays the
-# run's own (--num-samples, --max-length, padding left out): one text padded to 512 tokens would be
-# mostly padding for prompts of 60-70 tokens
+# PAVE as the official code runs it (design/PAVE.md), chosen by --official:
+# glue: the method yaml's paper rho, one kept ratio per model, the first 4096 token rows of the train split,
+#   padding to the batch's longest text, padding tokens included in the covariance;
+# llm (config/method/pave_causal_lm.yaml): rho 4089/4096 unless --rhos, one kept ratio for every layer, eps
+#   doubled from 0.01 to a 1e-2 inverse residual. Its calibration stays the run's own (--num-samples,
+#   --max-length, padding left out): one text padded to 512 tokens would be mostly padding for prompts of
+#   60-70 tokens
 OFFICIAL_PROTOCOLS = {
     "glue": ["method.allocation=per_model", "method.num_rows=4096", "method.calibration_padding=longest",
              "method.mask_padding=false"],
