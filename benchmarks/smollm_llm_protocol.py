@@ -23,17 +23,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.reproduce import Bench, compose, instantiate
+from benchmarks.reproduce import OFFICIAL_PROTOCOLS, OFFICIAL_RHO, Bench, compose, instantiate
 from benchmarks.stream_merge_equality import compare as compare_state_dicts
 
-# the official LLM purification, with calibration on this zoo's short prompts: 64 prompts per task from
-# the train split, at most 96 tokens (every prompt fits), batches padded to their longest prompt and
-# padding left out of the covariance (as the README's earlier SmolLM2 rows, so only the protocol changes)
-LLM_PROTOCOL = ["method.rho=0.998291015625", "method.allocation=uniform", "method.eps0=0.01", "method.eps_tol=0.01",
-                "method.regularization=doubling", "method.floor_factor=1.5"]
-CALIBRATION = ["method.num_samples=64", "method.num_rows=null", "method.max_length=96", "method.batch_size=16",
-               "method.calibration_padding=longest", "method.mask_padding=true", "method.sample_order=random",
-               "method.seed=42", "method.calibration_split=train"]
+# the official LLM purification (reproduce.py --official llm), with calibration on this zoo's short prompts:
+# 64 prompts per task, at most 96 tokens (every prompt fits), as the README's earlier SmolLM2 rows, so only
+# the protocol changes
+LLM_PROTOCOL = [f"method.rho={OFFICIAL_RHO['llm']}", *OFFICIAL_PROTOCOLS["llm"], "method.num_samples=64",
+                "method.max_length=96"]
 TEST_ROWS = 100
 
 
@@ -60,7 +57,7 @@ def inmemory(bench: Bench, out: Path, weights: Path) -> None:
                     bench.evaluate(model, "test"), seconds))
     del model
     # composed here, not by Bench.merge, which points PAVE at the shared covariance cache: computed afresh
-    overrides = ["method.merger.scaling_factor=1.0", *LLM_PROTOCOL, *CALIBRATION, "method.cache_dir=null"]
+    overrides = ["method.merger.scaling_factor=1.0", *LLM_PROTOCOL, "method.cache_dir=null"]
     cfg = compose(["method=pave_ta", "modelpool=zoo_smollm", *overrides])
     modelpool, algorithm = instantiate(cfg.modelpool), instantiate(cfg.method)
     start = time.perf_counter()

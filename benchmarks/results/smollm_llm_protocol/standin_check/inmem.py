@@ -1,9 +1,9 @@
 import sys, time, json
 import torch
 from benchmarks.reproduce import compose, instantiate
-from benchmarks.smollm_llm_protocol import LLM_PROTOCOL, CALIBRATION
+from benchmarks.smollm_llm_protocol import LLM_PROTOCOL
 merger, extra, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
-cfg = compose([f"method={merger}", "modelpool=zoo_smollm", *LLM_PROTOCOL, *CALIBRATION, "method.cache_dir=null", *extra])
+cfg = compose([f"method={merger}", "modelpool=zoo_smollm", *LLM_PROTOCOL, "method.cache_dir=null", *extra])
 modelpool, algorithm = instantiate(cfg.modelpool), instantiate(cfg.method)
 t = time.perf_counter()
 result = algorithm.run(modelpool)
