@@ -17,8 +17,21 @@ def run_child(script: str, arguments: dict) -> dict:
 
 
 def vm_hwm_mb() -> float:
-    """This process's peak resident set (VmHWM) in MiB."""
+    """This process's peak resident set (VmHWM) in MiB: this process image's own, unlike ru_maxrss,
+    which after fork/vfork + exec starts from the parent's RSS (a child of a parent holding 3 GiB
+    reports a 3 GiB ru_maxrss)."""
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux >= 4.0: /proc/self/clear_refs), so that `vm_hwm_mb`
+    then reads the peak of what runs afterwards; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def print_table(rows: list[dict]) -> None:

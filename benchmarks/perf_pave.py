@@ -6,7 +6,7 @@ fine-tuned copies are made by seeded perturbation, and each task gets seeded cal
 giving exactly N token rows (reference/pave_comparison.py, which also runs both procedures). The `minilm_zoo` setting instead takes the real MiniLM zoo (all six
 layers, real fine-tuned weights, N rows of each task's real training text; built first if missing),
 where activations are far less isotropic than random inputs. Both procedures run on the same models and rows, each in a fresh
-subprocess (peak RSS = ru_maxrss of that child, so they don't contaminate each other), alternating
+subprocess (peak RSS = VmHWM of that child, so they don't contaminate each other), alternating
 ours/official for every repeat so load on the shared machine hits both alike. The purified Linear
 weights of the first repeat are compared (max over layers and tasks of ||W_ours - W_off||_F / ||W_off||_F).
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from benchmarks.child import vm_hwm_mb
 from reference import pave_comparison
 from reference.pave_comparison import MISTRAL_LINEARS, RHO, run_official, run_ours
 
@@ -99,7 +99,7 @@ def child(args: dict) -> dict:
     else:
         weights, ranks = run_official(pretrained, finetuned, batches, setting)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = vm_hwm_mb() * 2**20
     if args.get("save"):
         tensors = {f"{t}/{l}": w.contiguous() for t, ws in weights.items() for l, w in ws.items()}
         if args["procedure"] == "official":

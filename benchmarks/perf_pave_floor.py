@@ -1,27 +1,32 @@
 """PAVE against the physical floor of its own work, each ratio measured side by side in one process.
 
 Per shape setting (benchmarks.perf_pave's random models at MiniLM, ViT-B/32 and Mistral-7B-layer
-widths, T perturbed copies, N seeded calibration rows per task), every repeat times, interleaved:
+widths, T perturbed copies, N seeded calibration rows per task; `minilm_zoo`: the real MiniLM zoo,
+all six layers, its first T fine-tuned models on N rows of their own training text), every repeat
+times, interleaved:
 - forward: a plain no-grad forward of each fine-tuned model over its calibration batches;
 - statistics: the same forwards with our covariance hooks (accumulate_dtype float64, and float32);
 - floor products: W C_eps and the Gram product of the decomposition (M M^T or M^T M, M = W C_eps),
   float64 GEMMs, for every (task, layer);
+- the official eps rule's own cost: the float32 explicit inverses it takes for every (task,
+  distinct input) until eps (one each when eps0 passes), which any procedure with its eps pays;
 - purification: purification.purify (rho 0.9, per_model, doubling eps: the official procedure's
-  settings) on the float64 statistics, and the same with regularization=relative (no float32
-  inverse), for information.
+  settings) on the float64 statistics, the same with regularization=relative (no float32
+  inverse), for information, and with pave_ties' settings (rho 63/64, per_layer, doubling eps),
+  where only the trailing columns of U past the floor rank are formed.
 Ratios are medians over repeats of the per-repeat ratios. Accuracy (first repeat): every purified
 weight against the exact reference, the float64 SVD of W C_eps (the same C_eps) followed by
 U_r U_r^T W (max relative Frobenius over layers and tasks), for float64 and float32 statistics (the
 reference always from the float64 ones); ranks against the official rank search
 (reference/official_pave.py, float32). Peak RSS of statistics collection per accumulate dtype comes
-from one child process each (ru_maxrss over the RSS after building the models).
+from one child process each (its VmHWM, reset after building the models, over the RSS then).
 
 The `e2e_minilm` setting runs method=pave_ties (PAVE + TIES, the pave_ties.yaml settings) from a
 cold covariance cache on an in-memory MiniLM-shaped pool (random 6-layer BERT at 384/1536, T
 perturbed copies, word-level tokenizer, texts of 64-128 words) against its calibration forwards
 plus TIES alone on the same pool.
 
-    python -m benchmarks.perf_pave_floor [--quick] [--repeats 3] [--settings minilm vit_b32 mistral_layer e2e_minilm]
+    python -m benchmarks.perf_pave_floor [--quick] [--repeats 3] [--settings minilm vit_b32 mistral_layer minilm_zoo e2e_minilm]
 Prints a table and writes JSON to --out (default benchmarks/results/perf_pave_floor.json).
 """
 
@@ -30,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,21 +44,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from omegaconf import OmegaConf
 
-from benchmarks.perf_pave import QUICK, SETTINGS, write_results
+from benchmarks.child import reset_peak_rss, vm_hwm_mb
+from benchmarks.perf_pave import QUICK, SETTINGS, build, write_results
 from fusion_bench_pave.pave.covariance import CovarianceStats, collect_covariance
 from fusion_bench_pave.pave.models import LinearWeights
 from fusion_bench_pave.pave.purification import PurifySettings, RegularizedCovariances, purify
+from fusion_bench_pave.pave.regularize import add_identity
 from fusion_bench_pave.pave.task_statistics import CollectionSettings
 from reference import pave_comparison
 from reference.official_pave import rank_search
 from reference.pave_comparison import max_error_vs_exact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLOOR_SETTINGS = ("minilm", "vit_b32", "mistral_layer")
+FLOOR_SETTINGS = ("minilm", "vit_b32", "mistral_layer", "minilm_zoo")
 E2E = dict(layers=6, hidden=384, ffn=1536, heads=12, tasks=3, num_samples=64, words=(64, 128))
 E2E_QUICK = dict(layers=2, tasks=2, num_samples=32)
 TARGETS = {"statistics": 1.25, "purification": 2.0, "end_to_end": 1.5}
+PAVE_TIES_YAML = REPO_ROOT / "fusion_bench_pave" / "config" / "method" / "pave_ties.yaml"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -86,6 +94,21 @@ def floor_products(weights: dict[str, LinearWeights], stats: dict[str, Covarianc
             _ = product @ product.T if product.shape[0] <= product.shape[1] else product.T @ product
 
 
+def rule_inverses(stats: dict[str, CovarianceStats], settings: PurifySettings) -> list[torch.Tensor]:
+    """The float32 matrices the official doubling rule inverts: C + eps0 2^k I, k = 0 .. the doublings
+    that reached each (task, distinct input)'s eps (found beforehand; the inverses are what is timed)."""
+    cov_eps = RegularizedCovariances(stats, settings)
+    matrices = []
+    for task, task_stats in stats.items():
+        layer_of = {key: layer for layer, key in task_stats.input_of.items()}
+        for layer in layer_of.values():
+            eps, cov = settings.eps0, task_stats.covariance(layer)
+            while eps <= cov_eps.eps_of(task, layer):
+                matrices.append(add_identity(cov, eps).float())
+                eps *= 2.0
+    return matrices
+
+
 def official_ranks(finetuned: dict, batches: dict, setting: dict, settings: PurifySettings, full: dict) -> dict:
     ratios = rank_search(finetuned, batches, settings.rho, setting["rows"], setting["eps0"],
                          exclude=tuple(pave_comparison.excluded(setting)))
@@ -94,12 +117,13 @@ def official_ranks(finetuned: dict, batches: dict, setting: dict, settings: Puri
 
 def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
     """Statistics vs forward and purification vs floor products, interleaved per repeat."""
-    _, finetuned, batches = pave_comparison.build(setting)
+    _, finetuned, batches = build(setting)
     weights = {t: LinearWeights(m) for t, m in finetuned.items()}
     doubling = PurifySettings(rho=pave_comparison.RHO, allocation="per_model", eps0=setting["eps0"])
     relative = PurifySettings(rho=pave_comparison.RHO, allocation="per_model", regularization="relative")
+    pave_ties = PurifySettings(rho=float(OmegaConf.load(PAVE_TIES_YAML).rho), allocation="per_layer", eps0=setting["eps0"])
     times: dict[str, list[float]] = {k: [] for k in ("forward", "stats_f64", "stats_f32", "floor", "purify",
-                                                      "purify_relative")}
+                                                      "purify_relative", "purify_pave_ties", "rule_inverses")}
     for rep in range(repeats):
         print(f"[{name}] repeat {rep + 1}/{repeats}", flush=True)
         times["forward"].append(seconds(lambda: forward_all(finetuned, batches))[0])
@@ -108,22 +132,29 @@ def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
         times["stats_f64"].append(t64)
         times["stats_f32"].append(t32)
         times["floor"].append(seconds(lambda: floor_products(weights, stats64))[0])
+        matrices = rule_inverses(stats64, doubling)
+        times["rule_inverses"].append(seconds(lambda: [torch.linalg.inv(m) for m in matrices])[0])
+        matrices = None
         tp, (purified, ranks, full) = seconds(lambda: purify(weights, stats64, doubling))
         times["purify"].append(tp)
         times["purify_relative"].append(seconds(lambda: purify(weights, stats64, relative))[0])
+        tt, (purified_ties, ranks_ties, _) = seconds(lambda: purify(weights, stats64, pave_ties))
+        times["purify_pave_ties"].append(tt)
         if rep == 0:
+            error_ties = max_error_vs_exact(purified_ties, ranks_ties, weights, RegularizedCovariances(stats64, pave_ties))
             cov_eps = RegularizedCovariances(stats64, doubling)
             error64 = max_error_vs_exact(purified, ranks, weights, cov_eps)
             purified32, ranks32, _ = purify(weights, stats32, doubling)
             error32 = max_error_vs_exact(purified32, ranks32, weights, cov_eps) if ranks32 == ranks else float("inf")
             ranks_equal = ranks == official_ranks(finetuned, batches, setting, doubling, full)
-        stats64 = stats32 = purified = None  # free the sums before the next repeat
+        stats64 = stats32 = purified = purified_ties = None  # free the sums before the next repeat
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
     memory = {dtype: spawn_memory_child(setting, dtype, threads) for dtype in DTYPES}
     return {
         "setting": name, "config": setting, "times": times,
         "stats_vs_forward": ratio("stats_f64", "forward"), "stats_f32_vs_forward": ratio("stats_f32", "forward"),
         "purify_vs_floor": ratio("purify", "floor"), "purify_relative_vs_floor": ratio("purify_relative", "floor"),
+        "purify_pave_ties_vs_floor": ratio("purify_pave_ties", "floor"), "rule_inverses_vs_floor": ratio("rule_inverses", "floor"), "max_rel_err_vs_exact_pave_ties": error_ties,
         "max_rel_err_vs_exact": error64, "max_rel_err_vs_exact_f32_stats": error32,
         "ranks_f32_stats_equal": ranks32 == ranks, "ranks_equal_official": ranks_equal,
         "stats_peak_rss_extra_mb": memory,
@@ -135,12 +166,12 @@ def memory_child(args: dict) -> dict:
     """Extra peak RSS of collecting every task's statistics (kept together, as a PAVE run keeps them)."""
     import psutil
 
-    _, finetuned, batches = pave_comparison.build(args["setting"])
-    base = psutil.Process().memory_info().rss
+    _, finetuned, batches = build(args["setting"])
+    base = psutil.Process().memory_info().rss / 2**20
+    reset = reset_peak_rss()  # else the peak may be the build's
     stats = collect_all(finetuned, batches, args["setting"], DTYPES[args["dtype"]])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sums = sum(x.numel() * x.element_size() for s in stats.values() for x in s.xtx.values())
-    return {"extra_mb": (peak - base) / 2**20, "sums_mb": sums / 2**20}
+    return {"extra_mb": vm_hwm_mb() - base, "sums_mb": sums / 2**20, "peak_reset": reset}
 
 
 def spawn_memory_child(setting: dict, dtype: str, threads: int) -> dict:
@@ -182,13 +213,11 @@ def e2e_pool(config: dict) -> Any:
 
 def bench_e2e(config: dict, repeats: int) -> dict:
     """PAVE + TIES (cold cache) vs calibration forwards + TIES alone, interleaved per repeat."""
-    from omegaconf import OmegaConf
-
     from fusion_bench.method import TiesMergingAlgorithm
     from fusion_bench_pave.pave import PAVE
     from fusion_bench_pave.pave.calibration import iter_batches, sample_indices
 
-    yaml = OmegaConf.load(REPO_ROOT / "fusion_bench_pave" / "config" / "method" / "pave_ties.yaml")
+    yaml = OmegaConf.load(PAVE_TIES_YAML)
     ties = {k: v for k, v in OmegaConf.to_container(yaml.merger).items() if k != "_target_"}
     times: dict[str, list[float]] = {"pave_ties": [], "forwards": [], "ties": []}
     for rep in range(repeats):
@@ -218,7 +247,8 @@ def bench_e2e(config: dict, repeats: int) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def table(rows: list[dict]) -> str:
-    head = ("setting", "stats/forward f64 (f32)", "purify/floor (relative eps)", "max rel dW vs exact f64 (f32 stats)",
+    head = ("setting", "stats/forward f64 (f32)", "purify/floor (relative eps; pave_ties)", "rule inverses/floor",
+            "max rel dW vs exact f64 (f32 stats; pave_ties)",
             "ranks = official", "stats extra peak MB f64 / f32 (sums MB)")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
@@ -229,8 +259,10 @@ def table(rows: list[dict]) -> str:
         m = r["stats_peak_rss_extra_mb"]
         lines.append(" | ".join([
             r["setting"], f"{r['stats_vs_forward']:.2f}x ({r['stats_f32_vs_forward']:.2f}x)",
-            f"{r['purify_vs_floor']:.2f}x ({r['purify_relative_vs_floor']:.2f}x)",
-            f"{r['max_rel_err_vs_exact']:.1e} ({r['max_rel_err_vs_exact_f32_stats']:.1e})", str(r["ranks_equal_official"]),
+            f"{r['purify_vs_floor']:.2f}x ({r['purify_relative_vs_floor']:.2f}x; {r['purify_pave_ties_vs_floor']:.2f}x)",
+            f"{r['rule_inverses_vs_floor']:.2f}x",
+            f"{r['max_rel_err_vs_exact']:.1e} ({r['max_rel_err_vs_exact_f32_stats']:.1e}; "
+            f"{r['max_rel_err_vs_exact_pave_ties']:.1e})", str(r["ranks_equal_official"]),
             f"{m['float64']['extra_mb']:.0f} / {m['float32']['extra_mb']:.0f} "
             f"({m['float64']['sums_mb']:.0f} / {m['float32']['sums_mb']:.0f})",
         ]))

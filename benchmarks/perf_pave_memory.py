@@ -2,7 +2,7 @@
 
 A CLIPVisionModel at ViT-B/32 widths (d 768, MLP 3072, 12 layers, random weights) and T seeded
 fine-tuned copies, each task with N seeded token rows (reference/pave_comparison.py's builders). Each run is a fresh
-subprocess (peak RSS = its ru_maxrss) doing what PAVE.run does between loading and merging:
+subprocess (peak RSS = its VmHWM) doing what PAVE.run does between loading and merging:
 collect each task's statistics, hand them to CovarianceOffload(mode), then purification.purify (written back in place, as PAVE.run does). Runs
 alternate memory/disk per repeat so machine load hits both alike. Each run also reports a content
 hash of all purified weights and of the kept ranks, which must agree between the modes.
@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.child import vm_hwm_mb
 from benchmarks.perf_pave import REPO_ROOT, SETTINGS
 from fusion_bench_pave.pave.models import LinearWeights
 from fusion_bench_pave.pave.purification import PurifySettings, purify
@@ -37,8 +37,6 @@ from reference.pave_comparison import build
 MODES = ("memory", "disk")
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args: dict) -> dict:
@@ -59,7 +57,7 @@ def child(args: dict) -> dict:
             stats[task] = offload.keep(collected)
             del collected
         collection_s = time.perf_counter() - start
-        collection_peak_mb = peak_mb()
+        collection_peak_mb = vm_hwm_mb()
         held_mb = psutil.Process().memory_info().rss / 2**20
         start = time.perf_counter()
         weights = {task: LinearWeights(model) for task, model in finetuned.items()}
@@ -71,7 +69,7 @@ def child(args: dict) -> dict:
         "mode": args["mode"], "on_disk": on_disk, "allocation": args["allocation"],
         "collection_s": collection_s, "purification_s": purification_s,
         "base_rss_mb": base_mb, "rss_before_purification_mb": held_mb,
-        "peak_rss_collection_mb": collection_peak_mb, "peak_rss_mb": peak_mb(),
+        "peak_rss_collection_mb": collection_peak_mb, "peak_rss_mb": vm_hwm_mb(),
         "stats_per_task_mb": task_mb, "weights_hash": fingerprint_state_dict(weights),
         "ranks_hash": hashlib.sha256(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:16],
     }
