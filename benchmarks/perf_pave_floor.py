@@ -121,7 +121,8 @@ def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
     weights = {t: LinearWeights(m) for t, m in finetuned.items()}
     doubling = PurifySettings(rho=pave_comparison.RHO, allocation="per_model", eps0=setting["eps0"])
     relative = PurifySettings(rho=pave_comparison.RHO, allocation="per_model", regularization="relative")
-    pave_ties = PurifySettings(rho=float(OmegaConf.load(PAVE_TIES_YAML).rho), allocation="per_layer", eps0=setting["eps0"])
+    pave_ties = PurifySettings(rho=float(OmegaConf.load(PAVE_TIES_YAML).rho), allocation="per_layer",
+                               eps0=setting["eps0"])
     times: dict[str, list[float]] = {k: [] for k in ("forward", "stats_f64", "stats_f32", "floor", "purify",
                                                       "purify_relative", "purify_pave_ties", "rule_inverses")}
     for rep in range(repeats):
@@ -154,7 +155,8 @@ def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
         "setting": name, "config": setting, "times": times,
         "stats_vs_forward": ratio("stats_f64", "forward"), "stats_f32_vs_forward": ratio("stats_f32", "forward"),
         "purify_vs_floor": ratio("purify", "floor"), "purify_relative_vs_floor": ratio("purify_relative", "floor"),
-        "purify_pave_ties_vs_floor": ratio("purify_pave_ties", "floor"), "rule_inverses_vs_floor": ratio("rule_inverses", "floor"), "max_rel_err_vs_exact_pave_ties": error_ties,
+        "purify_pave_ties_vs_floor": ratio("purify_pave_ties", "floor"),
+        "rule_inverses_vs_floor": ratio("rule_inverses", "floor"), "max_rel_err_vs_exact_pave_ties": error_ties,
         "max_rel_err_vs_exact": error64, "max_rel_err_vs_exact_f32_stats": error32,
         "ranks_f32_stats_equal": ranks32 == ranks, "ranks_equal_official": ranks_equal,
         "stats_peak_rss_extra_mb": memory,

@@ -37,8 +37,6 @@ from reference.pave_comparison import build
 MODES = ("memory", "disk")
 
 
-
-
 def child(args: dict) -> dict:
     """Build, collect, offload, purify; report times, peak RSS and a hash of the purified weights."""
     import psutil
