@@ -94,15 +94,14 @@ def floor_products(weights: dict[str, LinearWeights], stats: dict[str, Covarianc
             _ = product @ product.T if product.shape[0] <= product.shape[1] else product.T @ product
 
 
-def rule_inverses(stats: dict[str, CovarianceStats], settings: PurifySettings) -> list[torch.Tensor]:
+def rule_inverses(stats: dict[str, CovarianceStats], cov_eps: RegularizedCovariances) -> list[torch.Tensor]:
     """The float32 matrices the official doubling rule inverts: C + eps0 2^k I, k = 0 .. the doublings
-    that reached each (task, distinct input)'s eps (found beforehand; the inverses are what is timed)."""
-    cov_eps = RegularizedCovariances(stats, settings)
+    that reached each (task, distinct input)'s eps (from `cov_eps`; the inverses are what is timed)."""
     matrices = []
     for task, task_stats in stats.items():
         layer_of = {key: layer for layer, key in task_stats.input_of.items()}
         for layer in layer_of.values():
-            eps, cov = settings.eps0, task_stats.covariance(layer)
+            eps, cov = cov_eps.settings.eps0, task_stats.covariance(layer)
             while eps <= cov_eps.eps_of(task, layer):
                 matrices.append(add_identity(cov, eps).float())
                 eps *= 2.0
@@ -133,7 +132,8 @@ def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
         times["stats_f64"].append(t64)
         times["stats_f32"].append(t32)
         times["floor"].append(seconds(lambda: floor_products(weights, stats64))[0])
-        matrices = rule_inverses(stats64, doubling)
+        cov_eps = RegularizedCovariances(stats64, doubling)  # eps of each input, for pave_ties' settings too
+        matrices = rule_inverses(stats64, cov_eps)
         times["rule_inverses"].append(seconds(lambda: [torch.linalg.inv(m) for m in matrices])[0])
         matrices = None
         tp, (purified, ranks, full) = seconds(lambda: purify(weights, stats64, doubling))
@@ -142,13 +142,12 @@ def bench_floor(name: str, setting: dict, repeats: int, threads: int) -> dict:
         tt, (purified_ties, ranks_ties, _) = seconds(lambda: purify(weights, stats64, pave_ties))
         times["purify_pave_ties"].append(tt)
         if rep == 0:
-            error_ties = max_error_vs_exact(purified_ties, ranks_ties, weights, RegularizedCovariances(stats64, pave_ties))
-            cov_eps = RegularizedCovariances(stats64, doubling)
+            error_ties = max_error_vs_exact(purified_ties, ranks_ties, weights, cov_eps)
             error64 = max_error_vs_exact(purified, ranks, weights, cov_eps)
             purified32, ranks32, _ = purify(weights, stats32, doubling)
             error32 = max_error_vs_exact(purified32, ranks32, weights, cov_eps) if ranks32 == ranks else float("inf")
             ranks_equal = ranks == official_ranks(finetuned, batches, setting, doubling, full)
-        stats64 = stats32 = purified = purified_ties = None  # free the sums before the next repeat
+        stats64 = stats32 = purified = purified_ties = cov_eps = None  # free the sums before the next repeat
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
     memory = {dtype: spawn_memory_child(setting, dtype, threads) for dtype in DTYPES}
     return {
